@@ -1,0 +1,133 @@
+"""Workdir bookkeeping for launched runs: the resolved config, resume checks, sweep values.
+
+Plain dicts in, plain dicts out (the launcher converts its ConfigDict with `to_dict()`), so the
+library stays free of flags and ConfigDicts.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+from typing import Any, Iterable, Mapping
+
+CONFIG_FILE = "config.json"
+
+# Keys that may change between a run and its resume: they decide how long and how often, not
+# what is computed. Experiments add their own (generation options, ...) via RESUME_SAFE_KEYS.
+RESUME_SAFE_KEYS = (
+    "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
+    "train.keep_checkpoints", "train.async_checkpoints",
+)
+
+
+class ConfigChangedError(ValueError):
+  """A resume with a config that alters numerics or data order."""
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """`{'a': {'b': 1}}` -> `{'a.b': 1}`."""
+  flat = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      flat.update(flatten(v, f"{prefix}{k}."))
+    else:
+      flat[f"{prefix}{k}"] = v
+  return flat
+
+
+def _jsonify(value):
+  return json.loads(json.dumps(value, default=str))
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any],
+                safe: Iterable[str] = ()) -> list[str]:
+  """Lines `key: old -> new` for every key that differs, except keys in or under `safe`."""
+  safe = tuple(RESUME_SAFE_KEYS) + tuple(safe)
+  old_f, new_f = flatten(_jsonify(old)), flatten(_jsonify(new))
+  lines = []
+  for key in sorted(set(old_f) | set(new_f)):
+    if any(key == s or key.startswith(s + ".") for s in safe):
+      continue
+    a, b = old_f.get(key, "<absent>"), new_f.get(key, "<absent>")
+    if json.dumps(a) != json.dumps(b):  # by text, so that NaN equals NaN
+      lines.append(f"  {key}: {a!r} -> {b!r}")
+  return lines
+
+
+def has_checkpoint(workdir: str) -> bool:
+  path = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(path) and any(n.isdigit() for n in os.listdir(path))
+
+
+def write_config(workdir: str, config: Mapping[str, Any], *, safe: Iterable[str] = (),
+                 allow_change: bool = False, is_writer: bool = True) -> None:
+  """Writes `workdir/config.json`; on resume, first checks it against the stored one.
+
+  Raises ConfigChangedError with the differing keys when a run with checkpoints is resumed
+  under a config that changes numerics or data order (unless `allow_change`).
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(path) and has_checkpoint(workdir):
+    with open(path) as f:
+      stored = json.load(f)
+    diff = config_diff(stored, config, safe)
+    if diff and not allow_change:
+      raise ConfigChangedError(
+          f"{workdir} holds a run with a different config; resuming would mix two experiments:\n"
+          + "\n".join(diff)
+          + "\nUse a new --workdir, restore those values, or pass --allow_config_change.")
+  if is_writer:
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      with open(path, "w") as f:
+        json.dump(_jsonify(config), f, indent=2, sort_keys=True)
+    except OSError as e:
+      raise PermissionError(f"cannot write to workdir {workdir!r} ({e.strerror}); pick a "
+                            "writable --workdir.") from None
+
+
+def parse_sweep(spec: str, config: Mapping[str, Any]) -> tuple[str, list[Any]]:
+  """`'loss.keep_prob=1.0,0.5'` -> `('loss.keep_prob', [1.0, 0.5])`, typed like the config field."""
+  if "=" not in spec:
+    raise ValueError(f"--sweep={spec!r}: expected KEY=V1,V2,... e.g. --sweep=train.steps=10,20")
+  key, raw = spec.split("=", 1)
+  flat = flatten(config)
+  if key not in flat:
+    close = [k for k in flat if k.split(".")[-1] == key.split(".")[-1]]
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"--sweep: unknown config key {key!r}.{hint}")
+  current = flat[key]
+  values = [_convert(v.strip(), current, key) for v in raw.split(",") if v.strip()]
+  if len(values) < 1:
+    raise ValueError(f"--sweep={spec!r}: give at least one value.")
+  return key, values
+
+
+def _convert(text: str, current: Any, key: str) -> Any:
+  kind = type(current)
+  try:
+    if kind is bool:
+      if text.lower() not in ("true", "false"):
+        raise ValueError
+      return text.lower() == "true"
+    if kind in (int, float):
+      return kind(text)
+    if kind is str or current is None:
+      return text
+    return kind(ast.literal_eval(text))
+  except (ValueError, SyntaxError):
+    raise ValueError(f"--sweep: value {text!r} is not a valid {kind.__name__} for {key!r}.") \
+        from None
+
+
+def sweep_dirname(key: str, value: Any) -> str:
+  return f"{key}={value}".replace("/", "_")
+
+
+def format_final(metrics: Mapping[str, float]) -> str:
+  """The last lines a run prints: its final metrics, one per line."""
+  lines = ["final metrics:"]
+  lines += [f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}"
+            for k, v in sorted(metrics.items())]
+  return "\n".join(lines)

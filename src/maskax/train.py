@@ -1,0 +1,228 @@
+"""The generic training loop every experiment calls: an experiment says *what*, this says *how*.
+
+An experiment hands over a `Task` (init, loss, optimizer, data) and `LoopOptions`; `train`
+creates the state on the mesh (or restores it from the workdir), runs the jitted `train_step`,
+evaluates, logs, checkpoints, and returns the final state and metrics.
+
+The loss contract: `task.loss` returns `terms`, a dict `name -> (total, weight)`, computed over
+the *global* batch (the batch array spans every device). The objective is
+`sum_k safe_div(total_k, weight_k)`: one division per term, after every sum. With gradient
+accumulation the weights of the whole batch are only known after the last micro-batch, so each
+term's gradient is accumulated separately (`jax.jacrev` over the term totals) and divided once
+at the end; that is what keeps accumulation equal to one big batch for every normalisation
+(the transformers#24725 bug class).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from maskax import checkpoint as ckpt_lib
+from maskax import progress as progress_lib
+from maskax import sharding as sharding_lib
+from maskax.losses import safe_div
+from maskax.train_step import make_eval_step, make_train_step
+
+Pairs = Mapping[str, tuple[jax.Array, jax.Array]]
+
+
+class DataIterator(Protocol):
+  """Process-local batches (dicts of NumPy arrays) with a resumable position."""
+
+  def __next__(self) -> dict: ...
+  def get_state(self) -> dict: ...
+  def set_state(self, state: dict) -> None: ...
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # i32[]: number of updates applied so far.
+  params: Any
+  opt_state: Any
+  model_state: Any  # batch-norm statistics, carried RNN state, ... ({} when none).
+  key: jax.Array  # u32[2]: per-step keys are fold_in(key, step).
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What to train.
+
+  init:  key -> (params, model_state).
+  loss:  (params, model_state, batch, key, *, train) -> (terms, metrics, new_model_state), where
+         terms and metrics are dicts `name -> (total, weight)` over the global batch; terms are
+         optimised (and logged), metrics only logged. Both are averaged over a log interval or
+         an eval pass as sum(total) / sum(weight).
+  extra_eval: state -> dict of floats, for metrics that are not (total, weight) pairs
+         (mIoU, generation samples, long-context evaluation); called at every evaluation.
+  """
+
+  init: Callable[[jax.Array], tuple[Any, Any]]
+  loss: Callable[..., tuple[Pairs, Pairs, Any]]
+  optimizer: optax.GradientTransformation
+  train_data: DataIterator
+  eval_data: Callable[[], Iterable[dict]] | None = None
+  extra_eval: Callable[[TrainState], Mapping[str, float]] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopOptions:
+  """How to train; experiments fill it from `config.train` with `from_config`."""
+
+  steps: int
+  log_every: int = 50
+  eval_every: int = 0  # 0: evaluate only at the end.
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  grad_accum_steps: int = 1
+  on_nonfinite: str = "stop"  # 'stop' after max_nonfinite_steps bad steps, or 'skip' them all.
+  max_nonfinite_steps: int = 1
+  async_checkpoints: bool = True
+
+  def __post_init__(self):
+    for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints",
+                 "grad_accum_steps", "max_nonfinite_steps"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"train.{name}={getattr(self, name)} must be positive.")
+    if self.eval_every < 0:
+      raise ValueError(f"train.eval_every={self.eval_every} must be >= 0.")
+    if self.on_nonfinite not in ("stop", "skip"):
+      raise ValueError(f"train.on_nonfinite={self.on_nonfinite!r}: use 'stop' or 'skip'.")
+
+  @classmethod
+  def from_config(cls, train_config: Mapping[str, Any]) -> "LoopOptions":
+    """Takes the loop's fields from `config.train` (other keys there belong to the experiment)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    return cls(**{n: train_config[n] for n in names if n in train_config})
+
+
+class NonFiniteError(RuntimeError):
+  """Too many steps had a non-finite loss or gradient."""
+
+
+def sums_to_metrics(sums: Pairs, prefix: str = "") -> dict[str, float]:
+  """`{name: (total, weight)}` -> `{prefix + name: total / weight}` on the host (0 if weight 0)."""
+  host = jax.device_get(sums)
+  return {prefix + k: float(safe_div(np.float64(t), np.float64(w))) for k, (t, w) in host.items()}
+
+
+def _add(a, b):
+  return b if a is None else jax.tree.map(jnp.add, a, b)
+
+
+def evaluate(task: Task, state: TrainState, eval_step, mesh) -> dict[str, float]:
+  """One pass over `task.eval_data()` plus `task.extra_eval`, as `eval/<name>` floats."""
+  metrics: dict[str, float] = {}
+  if task.eval_data is not None:
+    sums = None
+    for batch in task.eval_data():
+      sums = _add(sums, eval_step(state, sharding_lib.shard_batch(batch, mesh)))
+    if sums is None:
+      raise ValueError("the evaluation data is empty; check the eval split of the data config.")
+    metrics.update(sums_to_metrics(sums, "eval/"))
+  if task.extra_eval is not None:
+    metrics.update({"eval/" + k: float(v) for k, v in task.extra_eval(state).items()})
+  return metrics
+
+
+def init_or_restore(task: Task, seed: int, mesh, checkpointer):
+  """Fresh state (placed on the mesh) or the latest checkpoint's state, data and loop record."""
+  repl = sharding_lib.replicated(mesh)
+
+  def init_state(key):
+    init_key, loop_key = jax.random.split(key)
+    params, model_state = task.init(init_key)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=task.optimizer.init(params), model_state=model_state,
+                      key=loop_key)
+
+  init = jax.jit(init_state, out_shardings=repl)
+  key = jax.random.PRNGKey(seed)
+  if checkpointer.latest_step() is None:
+    return init(key), None, {"elapsed": 0.0, "nonfinite_steps": []}
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
+                          jax.eval_shape(init_state, key))
+  return checkpointer.restore(abstract)
+
+
+def train(task: Task, options: LoopOptions, workdir: str, *, seed: int,
+          mesh=None) -> tuple[TrainState, dict[str, float]]:
+  """Trains to `options.steps`, resuming from `workdir` if it holds a checkpoint."""
+  mesh = sharding_lib.make_mesh() if mesh is None else mesh
+  checkpointer = ckpt_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"), every=options.checkpoint_every,
+      keep=options.keep_checkpoints, async_save=options.async_checkpoints)
+  try:
+    return _run(task, options, workdir, seed, mesh, checkpointer)
+  finally:
+    checkpointer.close()  # orbax drops an in-flight async save at exit unless we wait.
+
+
+def _run(task, options, workdir, seed, mesh, checkpointer):
+  state, data_state, loop = init_or_restore(task, seed, mesh, checkpointer)
+  if data_state is not None:
+    task.train_data.set_state(data_state)
+  step = int(jax.device_get(state.step))
+  if step:
+    logging.info("resumed at step %d from %s", step, workdir)
+  train_step = make_train_step(task, options, mesh)
+  eval_step = make_eval_step(task, mesh)
+  writer = progress_lib.MetricWriter(workdir, resume_step=step)
+  progress = progress_lib.Progress(options.steps, step)
+  final: dict[str, float] = {}
+  sums, pending = None, None
+  started = time.perf_counter() - loop["elapsed"]
+
+  def check(pending_step, finite):
+    # Fetching last step's flag after the next step is dispatched keeps the device busy.
+    if bool(jax.device_get(finite)):
+      return
+    loop["nonfinite_steps"].append(pending_step)
+    logging.warning("step %d: non-finite loss or gradient; update skipped, parameters unchanged.",
+                    pending_step)
+    if options.on_nonfinite == "stop" and len(loop["nonfinite_steps"]) >= options.max_nonfinite_steps:
+      raise NonFiniteError(
+          f"non-finite loss or gradient at step(s) {loop['nonfinite_steps']}: those updates were"
+          " skipped and the parameters left unchanged; stopping after"
+          f" train.max_nonfinite_steps={options.max_nonfinite_steps}. Inspect the data and the"
+          " learning rate at that step, or pass --config.train.on_nonfinite=skip.")
+
+  while step < options.steps:
+    batch = sharding_lib.shard_batch(next(task.train_data), mesh)
+    state, out = train_step(state, batch)
+    step += 1
+    if pending is not None:
+      check(*pending)
+    pending = (step, out["finite"])
+    sums = _add(sums, out["sums"])
+    if step % options.log_every == 0 or step == options.steps:
+      check(*pending)
+      pending = None
+      final = sums_to_metrics(sums)
+      sums = None
+      rate = progress.rate(step)
+      final["steps_per_s"] = rate
+      writer.write(step, final, elapsed=time.perf_counter() - started)
+      progress.log(step, {k: v for k, v in final.items() if k != "steps_per_s"}, rate)
+    if (options.eval_every and step % options.eval_every == 0) or step == options.steps:
+      evals = evaluate(task, state, eval_step, mesh)
+      if evals:
+        writer.write(step, evals, elapsed=time.perf_counter() - started)
+        progress.log(step, evals, None)
+        final.update(evals)
+      progress.rate(step)  # evaluation time is not training speed
+    loop["elapsed"] = time.perf_counter() - started
+    checkpointer.save(step, state, task.train_data.get_state(), loop,
+                      force=step == options.steps)
+  if not final:  # resumed a finished run: report its evaluation again
+    final = evaluate(task, state, eval_step, mesh)
+  return state, final

@@ -1,0 +1,126 @@
+"""The jitted train and eval steps: one division per loss term, skipped non-finite updates.
+
+`train_step(state, batch) -> (state, out)` is pure; it is compiled once with the state
+replicated and donated and the batch split over the `data` axis. `out` holds
+  finite  bool[]: the loss and every gradient were finite (else the update was skipped);
+  sums    {name: (total, weight)} of every loss term and metric, plus `loss` as (value, 1),
+          so a log interval reports sum(total) / sum(weight).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from maskax import sharding as sharding_lib
+from maskax.losses import safe_div
+
+# Evaluation draws its dropout/sampling key from a fixed fold of the state key.
+_EVAL_FOLD = 0x7FFFFFFF
+
+
+def _objective(terms) -> jax.Array:
+  return sum(safe_div(t, w) for t, w in terms.values())
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _single_batch_grads(task, state, batch, key):
+  def objective(params):
+    terms, metrics, model_state = task.loss(params, state.model_state, batch, key, train=True)
+    return _objective(terms), (terms, metrics, model_state)
+
+  (loss, (terms, metrics, model_state)), grads = jax.value_and_grad(
+      objective, has_aux=True)(state.params)
+  return loss, grads, terms, metrics, model_state
+
+
+def _accumulated_grads(task, state, batch, key, num_micro):
+  """Gradients of sum_k safe_div(total_k, weight_k) over `num_micro` micro-batches.
+
+  Row i of the batch goes to micro-batch i % num_micro, so every micro-batch stays evenly split
+  over the devices. The weights are data, not parameters, so
+  d/dp sum_k T_k/W_k = sum_k (sum_m dT_km/dp) / W_k: accumulate each term's gradient, divide once.
+  """
+
+  def split(x):
+    rows = x.shape[0]
+    if rows % num_micro:
+      raise ValueError(f"batch of {rows} rows does not split into grad_accum_steps={num_micro}.")
+    return jnp.swapaxes(x.reshape((rows // num_micro, num_micro) + x.shape[1:]), 0, 1)
+
+  micro = jax.tree.map(split, batch)
+
+  def term_totals(params, model_state, mb, mkey):
+    terms, metrics, new_state = task.loss(params, model_state, mb, mkey, train=True)
+    return {k: t for k, (t, _) in terms.items()}, (terms, metrics, new_state)
+
+  def body(carry, inputs):
+    grads, sums, model_state = carry
+    mb, index = inputs
+    jac, (terms, metrics, model_state) = jax.jacrev(term_totals, has_aux=True)(
+        state.params, model_state, mb, jax.random.fold_in(key, index))
+    grads = jax.tree.map(jnp.add, grads, jac)
+    sums = jax.tree.map(jnp.add, sums, {"terms": terms, "metrics": metrics})
+    return (grads, sums, model_state), None
+
+  first = jax.tree.map(lambda x: x[0], micro)
+  jac_shape, (terms_shape, metrics_shape, _) = jax.eval_shape(
+      lambda p: jax.jacrev(term_totals, has_aux=True)(p, state.model_state, first, key),
+      state.params)
+  zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+  init = (zeros(jac_shape), zeros({"terms": terms_shape, "metrics": metrics_shape}),
+          state.model_state)
+  (jac, sums, model_state), _ = jax.lax.scan(
+      body, init, (micro, jnp.arange(num_micro)))
+  terms = sums["terms"]
+  grads = jax.tree.map(
+      lambda *gs: sum(g for g in gs),
+      *[jax.tree.map(lambda g, w=terms[k][1]: safe_div(g, w), jac[k]) for k in terms])
+  return _objective(terms), grads, terms, sums["metrics"], model_state
+
+
+def make_train_step(task, options, mesh):
+  """Compiles `train_step` once for `task` with state replicated/donated and batch sharded."""
+
+  def train_step(state, batch):
+    key = jax.random.fold_in(state.key, state.step)
+    if options.grad_accum_steps == 1:
+      loss, grads, terms, metrics, model_state = _single_batch_grads(task, state, batch, key)
+    else:
+      loss, grads, terms, metrics, model_state = _accumulated_grads(
+          task, state, batch, key, options.grad_accum_steps)
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    updates, opt_state = task.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep_if_finite(params, state.params),
+        opt_state=keep_if_finite(opt_state, state.opt_state),
+        model_state=keep_if_finite(model_state, state.model_state))
+    # A skipped step adds nothing to the logged averages (its numbers may be NaN).
+    sums = {**terms, **metrics, "loss": (loss, jnp.float32(1.0))}
+    sums = jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), sums)
+    return new_state, {"finite": finite, "sums": sums}
+
+  repl = sharding_lib.replicated(mesh)
+  return jax.jit(train_step, in_shardings=(repl, sharding_lib.batch_sharding(mesh)),
+                 out_shardings=(repl, repl), donate_argnums=0)
+
+
+def make_eval_step(task, mesh):
+  """`eval_step(state, batch) -> {name: (total, weight)}` of every term and metric."""
+
+  def eval_step(state, batch):
+    key = jax.random.fold_in(state.key, _EVAL_FOLD)
+    terms, metrics, _ = task.loss(state.params, state.model_state, batch, key, train=False)
+    return {**terms, **metrics}
+
+  repl = sharding_lib.replicated(mesh)
+  return jax.jit(eval_step, in_shardings=(repl, sharding_lib.batch_sharding(mesh)),
+                 out_shardings=repl)

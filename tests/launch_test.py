@@ -1,0 +1,103 @@
+"""launch.py as a user runs it: bad input fails clearly, runs resume exactly, sweeps report."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, launch
+
+SMOKE = "--config=experiments/example_regression.py:smoke"
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config=experiments/nope.py"], "unknown experiment 'experiments/nope.py'"),
+    ([SMOKE.replace(":smoke", ":huge")], "no preset 'huge'. Presets: default, smoke"),
+    ([SMOKE, "--config.train.stepz=3"], "stepz"),
+    ([SMOKE, "--config.train.steps=many"], "steps"),
+    ([SMOKE, "--sweep=train.nope=1,2"], "unknown config key 'train.nope'"),
+])
+def test_bad_input_exits_nonzero_naming_the_problem(args, expected, tmp_path):
+  proc = launch(*args, f"--workdir={tmp_path}/w")
+  assert proc.returncode != 0
+  assert expected in proc.stderr + proc.stdout, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a folder")
+  proc = launch(SMOKE, f"--workdir={blocker}/run")
+  assert proc.returncode == 1
+  assert "cannot write to workdir" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_list_names_every_experiment_with_presets():
+  proc = launch("--list", check=True)
+  assert "example_regression:" in proc.stdout and ":smoke" in proc.stdout
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_resumes_bitwise(tmp_path):
+  common = [SMOKE, "--config.train.steps=12", "--config.train.log_every=1",
+            "--config.train.checkpoint_every=3"]
+  clean = tmp_path / "clean"
+  launch(*common, f"--workdir={clean}", check=True)
+  assert os.path.isdir(clean / "checkpoints" / "12"), "final checkpoint missing after return"
+
+  killed = tmp_path / "killed"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.Popen(
+      [sys.executable, "launch.py", *common, f"--workdir={killed}",
+       "--config.debug.step_delay_s=0.3"], cwd=ROOT, env=env,
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  while not os.path.isdir(killed / "checkpoints" / "6") and time.time() < deadline:
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not os.path.isdir(killed / "checkpoints" / "12"), "the run finished before the kill"
+  launch(*common, f"--workdir={killed}", "--config.debug.step_delay_s=0.3", check=True)
+  assert _losses(killed) == _losses(clean)  # bitwise: floats parsed from the same repr
+  assert len(_losses(clean)) == 12
+
+
+def test_resume_with_changed_numerics_stops_with_a_diff(tmp_path):
+  work = f"--workdir={tmp_path}/w"
+  launch(SMOKE, work, check=True)
+  proc = launch(SMOKE, work, "--config.train.learning_rate=0.1")
+  assert proc.returncode == 1
+  assert "train.learning_rate: 0.003 -> 0.1" in proc.stderr
+  # Extending a run is not a change of numerics.
+  launch(SMOKE, work, "--config.train.steps=8", check=True)
+
+
+def test_nonfinite_step_stops_naming_the_step(tmp_path):
+  proc = launch(SMOKE, f"--workdir={tmp_path}/w", "--config.debug.inject_nonfinite_at_step=3")
+  assert proc.returncode == 1
+  assert "non-finite loss or gradient at step(s) [3]" in proc.stderr
+  proc = launch(SMOKE, f"--workdir={tmp_path}/skip", "--config.debug.inject_nonfinite_at_step=3",
+                "--config.train.on_nonfinite=skip")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "step 3: non-finite loss or gradient; update skipped" in proc.stderr
+
+
+@pytest.mark.slow
+def test_sweep_writes_tables_and_plot(tmp_path):
+  proc = launch(SMOKE, f"--workdir={tmp_path}", "--sweep=model.hidden=8,16", check=True)
+  for name in ("results.md", "results.csv", "results.png"):
+    assert (tmp_path / name).stat().st_size > 0, name
+  table = (tmp_path / "results.md").read_text()
+  assert "| model.hidden |" in table and "| 8 |" in table and "| 16 |" in table
+  assert "eval/mse" in table and "results.md" in proc.stdout

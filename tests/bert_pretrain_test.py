@@ -1,0 +1,92 @@
+"""The BERT experiment: the four MLM reductions, empty masks, smoke train/checkpoint/resume."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import launch
+from experiments import bert_pretrain
+from maskax import losses
+from maskax.models import bert
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  config = bert_pretrain.get_config("smoke")
+  workdir = str(tmp_path_factory.mktemp("bert"))
+  tok, train_data, eval_batches = bert_pretrain.build_data(config, workdir)
+  model = bert.Bert(bert.BertConfig.preset("smoke", tok.vocab_size, dropout=0.0,
+                                           attention_dropout=0.0))
+  batch = {k: jnp.asarray(v) for k, v in next(train_data).items()}
+  params = model.init(jax.random.PRNGKey(0), batch["input_ids"], batch["segment_ids"],
+                      batch["input_mask"], batch["masked_lm_positions"], train=False)["params"]
+  return config, tok, model, params, batch
+
+
+def _loss(setup, reduction, batch=None):
+  config, _, model, params, default_batch = setup
+  with config.unlocked():
+    config.loss.mlm_reduction = reduction
+  loss_fn = bert_pretrain.make_loss(model, config)
+  return loss_fn(params, {}, default_batch if batch is None else batch,
+                 jax.random.PRNGKey(1), train=False)
+
+
+def test_reductions_share_the_numerator_or_not_as_named(setup):
+  _, _, _, _, batch = setup
+  terms = {m: _loss(setup, m)[0]["mlm"] for m in bert_pretrain.MLM_REDUCTIONS}
+  masked_total, masked_weight = terms["masked"]
+  assert masked_weight == np.sum(batch["masked_lm_weights"])
+  np.testing.assert_allclose(terms["masked_sum_over_nonpad"][0], masked_total, rtol=1e-6)
+  assert terms["masked_sum_over_nonpad"][1] == np.sum(batch["input_mask"])
+  assert terms["all_nonpad_tokens"][1] == np.sum(batch["input_mask"])
+  assert terms["all_tokens"][1] == batch["input_mask"].size
+  # The reported masked-token metric is the same quantity whatever is optimised.
+  metric = {m: _loss(setup, m)[1]["mlm_masked_loss"] for m in bert_pretrain.MLM_REDUCTIONS}
+  for m in bert_pretrain.MLM_REDUCTIONS:
+    np.testing.assert_allclose(metric[m][0], masked_total, rtol=1e-5)
+
+
+def test_batch_without_any_mask_gives_zero_mlm_and_finite_grads(setup):
+  config, _, model, params, batch = setup
+  empty = dict(batch, masked_lm_weights=jnp.zeros_like(batch["masked_lm_weights"]))
+  terms, metrics, _ = _loss(setup, "masked", empty)
+  assert terms["mlm"] == (0.0, 0.0)
+  loss_fn = bert_pretrain.make_loss(model, config)
+
+  def objective(p):
+    terms, _, _ = loss_fn(p, {}, empty, jax.random.PRNGKey(1), train=False)
+    return sum(losses.safe_div(t, w) for t, w in terms.values())
+
+  value, grads = jax.value_and_grad(objective)(params)
+  assert np.isfinite(value)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  # Only NSP trains the MLM head's output bias when nothing is masked: its gradient is zero.
+  assert np.all(grads["mlm"]["output_bias"] == 0)
+
+
+def test_unknown_reduction_is_a_clear_error(setup):
+  with pytest.raises(ValueError, match="loss.mlm_reduction='mean'"):
+    _loss(setup, "mean")
+
+
+def test_unigram_baseline_is_a_probability(setup, tmp_path):
+  config, tok, _, _, _ = setup
+  _, train_data, eval_batches = bert_pretrain.build_data(config, str(tmp_path))
+  base = bert_pretrain.unigram_baseline(train_data, eval_batches, tok.vocab_size)
+  assert 0 < base["unigram_accuracy"] < 0.5 and base["unigram_loss"] > 0
+
+
+@pytest.mark.slow
+def test_smoke_trains_checkpoints_and_resumes(tmp_path):
+  args = ["--config=experiments/bert_pretrain.py:smoke", f"--workdir={tmp_path}"]
+  proc = launch(*args, check=True)
+  assert "eval/mlm_accuracy" in proc.stdout
+  assert os.path.isdir(tmp_path / "checkpoints" / "4")
+  assert (tmp_path / "tokenizer.json").exists()
+  proc = launch(*args, "--config.train.steps=6", check=True)
+  assert "resumed at step 4" in proc.stderr
+  assert os.path.isdir(tmp_path / "checkpoints" / "6")

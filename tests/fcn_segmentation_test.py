@@ -1,0 +1,241 @@
+"""experiments/fcn_segmentation.py: loss sampling at p = 1 is the full loss, ignored pixels never
+count, the eval scores come from the right confusion matrix, and `smoke` trains and resumes."""
+
+import dataclasses
+import json
+import os
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import launch
+from experiments import fcn_segmentation as fcn
+from maskax import metrics, sharding
+
+C, B, H, W = 4, 2, 8, 8
+SMOKE = "--config=experiments/fcn_segmentation.py:smoke"
+
+
+def _tiny_config():
+  config = fcn.get_config("smoke")
+  config.data.num_classes = C
+  return config
+
+
+def _key(seed):
+  # XLA:CPU compiles threefry draws slowly; rbg keeps these tests quick (the loop uses threefry).
+  return jax.random.key(seed, impl="rbg")
+
+
+def _labels(seed, shape=(B, H, W)):
+  """Random labels with a block and scattered pixels set to 255 (ignore)."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, C, size=shape)
+  labels[0, :3, :3] = 255
+  labels[rng.uniform(size=shape) < 0.2] = 255
+  return labels.astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+  model = fcn.build_model(_tiny_config())
+  params = jax.jit(lambda k: model.init(k, jnp.zeros((1, H, W, 3)), train=False)["params"])(
+      _key(0))
+  # Noise on every weight, then class scores centred over some images, so that the untrained
+  # net predicts several classes (a non-trivial confusion matrix for the eval test).
+  leaves, tree = jax.tree.flatten(params)
+  rng = np.random.default_rng(1)
+  params = jax.tree.unflatten(tree, [x + rng.normal(size=x.shape).astype(np.float32)
+                                     for x in leaves])
+  images = jnp.asarray(rng.uniform(size=(8, H, W, 3)), jnp.float32)
+  mean = model.apply({"params": params}, images, train=False).mean(axis=(0, 1, 2))
+  params["score"]["bias"] = params["score"]["bias"] - mean
+  return model, params
+
+
+def test_modes_parse_and_raise_the_batch():
+  assert fcn.parse_mode("loss_sampling_p0.25", 1.0) == ("loss_sampling", 0.25)
+  assert fcn.parse_mode("loss_sampling", 0.5) == ("loss_sampling", 0.5)
+  for mode, keep, match in [("bogus", 1.0, "train.mode='bogus'"),
+                            ("full", 0.5, "only applies with train.mode=loss_sampling"),
+                            ("loss_sampling_p0.5", 0.25, "leave loss.keep_prob at 1.0"),
+                            ("loss_sampling_p0", 1.0, r"in \(0, 1\]")]:
+    with pytest.raises(ValueError, match=match):
+      fcn.parse_mode(mode, keep)
+  config = fcn.get_config()
+  labels = np.zeros((128, 64, 64), np.uint8)
+  labels[:, :8] = 1
+  expected = {"full": 16, "loss_sampling_p0.5": 32, "loss_sampling_p0.25": 64, "patchwise": 64,
+              "class_weighted": 16, "class_sampled": 16}
+  for mode, batch in expected.items():
+    config.train.mode = mode
+    spec, got, crop = fcn.resolve(config, labels)
+    assert got == batch, mode
+    assert crop == (32 if mode == "patchwise" else None)
+  config.train.mode, config.train.raise_batch = "loss_sampling_p0.25", False
+  assert fcn.resolve(config, labels)[1] == 16
+  config.train.mode = "class_weighted"
+  weights = np.asarray(fcn.resolve(config, labels)[0].class_weights)
+  assert weights[0] < weights[1] and np.all(weights[2:] == 0)  # absent classes weigh nothing
+
+
+@pytest.mark.parametrize("normalization", ["token_mean", "batch_mean"])
+def test_loss_sampling_at_p1_equals_the_full_loss_exactly(model_and_params, normalization):
+  model, params = model_and_params
+  batch = {"image": jnp.asarray(np.random.default_rng(2).uniform(size=(B, H, W, 3)), jnp.float32),
+           "label": jnp.asarray(_labels(3))}
+  key = jax.random.PRNGKey(7)  # the loop's key type
+
+  def run(mode, keep_prob):
+    spec = fcn.LossSpec(mode=mode, normalization=normalization, keep_prob=keep_prob)
+    loss = fcn.make_loss(model, spec)
+
+    def objective(p):
+      terms, aux, _ = loss(p, {}, batch, key, train=True)
+      t, w = terms["xent"]
+      return t / w, (terms, aux)
+
+    # Eager: each op runs alone, so equal inputs give bitwise equal outputs; two separately
+    # jitted programs may fuse a reduction differently and differ in the last bit.
+    return jax.value_and_grad(objective, has_aux=True)(params)
+
+  (full_loss, (full_terms, full_aux)), full_grads = run("full", 1.0)
+  (samp_loss, (samp_terms, samp_aux)), samp_grads = run("loss_sampling", 1.0)
+  assert float(full_aux["kept_fraction"][0]) == np.sum(_labels(3) != 255)
+  for a, b in zip(jax.tree.leaves((full_loss, full_terms, full_aux, full_grads)),
+                  jax.tree.leaves((samp_loss, samp_terms, samp_aux, samp_grads))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  (half_loss, (half_terms, _)), _ = run("loss_sampling", 0.5)
+  if normalization == "token_mean":  # the sampled loss keeps about half the valid pixels
+    assert 0.25 < float(half_terms["xent"][1]) / float(full_terms["xent"][1]) < 0.75
+
+
+def _xent_ref(logits, labels):
+  """Float64 mean cross-entropy over non-ignored pixels."""
+  x = np.asarray(logits, np.float64)
+  logp = x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(
+      -1, keepdims=True)
+  ok = labels != 255
+  nll = -np.take_along_axis(logp, np.where(ok, labels, 0)[..., None], -1)[..., 0]
+  return nll[ok].sum(), ok.sum()
+
+
+@pytest.mark.parametrize("mode, keep_prob, sample_cell", [
+    ("full", 1.0, 1), ("loss_sampling", 0.5, 1), ("loss_sampling", 0.5, 4),
+    ("class_weighted", 1.0, 1), ("class_sampled", 1.0, 1)])
+def test_ignored_pixels_never_count(mode, keep_prob, sample_cell):
+  spec = fcn.LossSpec(mode=mode, keep_prob=keep_prob, sample_cell=sample_cell,
+                      class_weights=(0.5, 1.0, 2.0, 3.0), class_keep_probs=(0.3, 1.0, 1.0, 1.0))
+  labels = _labels(4)
+  ignored = labels == 255
+  rng = np.random.default_rng(5)
+  logits = rng.normal(size=(B, H, W, C)).astype(np.float32)
+
+  @jax.jit
+  def total_weight_grad(logits, labels):
+    f = lambda x: fcn.pixel_loss(x, labels, _key(9), spec, train=True)[0]["xent"]
+    (t, w), vjp = jax.vjp(f, logits)
+    return t, w, vjp((jnp.float32(1.0), jnp.float32(0.0)))[0]
+
+  t, w, g = total_weight_grad(logits, labels)
+  assert 0 < float(w) and np.isfinite(float(t))
+  kept, valid = jax.jit(lambda x: fcn.pixel_loss(x, labels, _key(9), spec, train=True)[1][
+      "kept_fraction"])(logits)
+  assert float(valid) == np.sum(~ignored)
+  assert float(kept) == (np.sum(~ignored) if mode == "class_weighted" else float(w))
+  for garbage in (np.nan, np.inf, -1e30):
+    t2, w2, g2 = total_weight_grad(np.where(ignored[..., None], garbage, logits), labels)
+    assert (float(t2), float(w2)) == (float(t), float(w))
+    assert np.all(np.isfinite(g2)) and not np.any(np.asarray(g2)[ignored])
+    np.testing.assert_array_equal(g2, g)
+  if mode in ("full", "class_weighted"):  # deterministic masks: check against a reference
+    total, count = _xent_ref(logits, labels)
+    if mode == "class_weighted":
+      pix_w = np.asarray(spec.class_weights)[np.where(ignored, 0, labels)] * ~ignored
+      x = logits.astype(np.float64)
+      logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+      nll = -np.take_along_axis(logp, np.where(ignored, 0, labels)[..., None], -1)[..., 0]
+      total, count = (pix_w * np.where(ignored, 0, nll)).sum(), pix_w.sum()
+    np.testing.assert_allclose(float(t), total, rtol=1e-5)
+    np.testing.assert_allclose(float(w), count, rtol=1e-6)
+  else:
+    assert float(w) < np.sum(~ignored)
+  # Nothing valid: exactly zero, with zero gradients, never NaN.
+  t0, w0, g0 = total_weight_grad(logits, np.full_like(labels, 255))
+  assert (float(t0), float(w0)) == (0.0, 0.0) and not np.any(g0)
+
+
+def test_eval_scores_equal_scores_of_a_numpy_confusion_matrix(model_and_params):
+  model, params = model_and_params
+  n = 6  # two eval batches of 4, the second padded with repeated rows that must not count
+  rng = np.random.default_rng(6)
+  images = rng.uniform(size=(n, H, W, 3)).astype(np.float32)
+  labels = _labels(7, (n, H, W)).astype(np.uint8)
+  mesh = sharding.make_mesh(jax.devices()[:2])
+  extra_eval = fcn.make_evaluator(model, images, labels, batch_size=4, mesh=mesh)
+  got = extra_eval(types.SimpleNamespace(params=params))
+
+  logits = np.asarray(model.apply({"params": params}, images, train=False))
+  pred = logits.argmax(-1)
+  ok = labels != 255
+  conf = np.zeros((C, C), np.int64)
+  np.add.at(conf, (labels[ok].astype(np.int64), pred[ok]), 1)
+  assert len(np.unique(pred[ok])) > 1  # a non-trivial confusion matrix
+  want = metrics.segmentation_scores(conf)
+  for k in ("mean_iou", "pixel_acc", "mean_acc", "fw_iou"):
+    assert got[k] == want[k], k
+  total, count = _xent_ref(logits, labels)
+  np.testing.assert_allclose(got["xent"], total / count, rtol=1e-5)
+
+
+def test_fcn_runs_on_the_default_image_size():
+  config = fcn.get_config()
+  model = fcn.build_model(config)
+  shape = (1, config.data.height, config.data.width, 3)
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=shape), jnp.float32)
+  logits = jax.jit(lambda k, x: model.apply(model.init(k, x, train=False), x, train=False))(
+      _key(0), x)
+  assert logits.shape == shape[:3] + (config.data.num_classes,)
+  assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_folder_data_split(tmp_path):
+  rng = np.random.default_rng(0)
+  for sub in ("images", "labels"):
+    os.makedirs(tmp_path / sub)
+  for i in range(5):
+    Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(
+        tmp_path / "images" / f"{i}.png")
+    lab = rng.integers(0, 3, (12, 16), dtype=np.uint8)
+    lab[0] = 255
+    Image.fromarray(lab, mode="L").save(tmp_path / "labels" / f"{i}.png")
+  config = fcn.get_config("smoke")
+  config.data.path, config.data.num_classes, config.data.eval_fraction = str(tmp_path), 3, 0.2
+  tr_x, tr_y, ev_x, ev_y = fcn.load_data(config)
+  assert tr_x.shape == (4, 12, 16, 3) and ev_y.shape == (1, 12, 16)
+  assert set(np.unique(np.concatenate([tr_y, ev_y]))) <= {0, 1, 2, 255}
+  config.data.num_classes = 2  # label 2 is out of range: a clear error
+  with pytest.raises(ValueError, match="num_classes"):
+    fcn.load_data(config)
+
+
+@pytest.mark.slow
+def test_smoke_trains_checkpoints_resumes(tmp_path):
+  work = str(tmp_path / "w")
+  args = (SMOKE, f"--workdir={work}", "--config.train.mode=loss_sampling_p0.5")
+  first = launch(*args, check=True)
+  assert "eval/mean_iou" in first.stdout
+  assert os.path.isdir(os.path.join(work, "checkpoints", "4"))
+  assert os.path.getsize(os.path.join(work, "predictions.png")) > 1000
+  second = launch(*args, "--config.train.steps=6", check=True)
+  assert "resumed at step 4" in second.stderr
+  assert os.path.isdir(os.path.join(work, "checkpoints", "6"))
+  with open(os.path.join(work, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
+  kept = [r["kept_fraction"] for r in records if "kept_fraction" in r]
+  assert all(0.2 < k < 0.8 for k in kept)  # p = 0.5 really sampled the loss

@@ -5,9 +5,15 @@
   python launch.py --config=experiments/fcn_segmentation.py --sweep=loss.keep_prob=1.0,0.5,0.25
   python launch.py --list                                              # experiments and presets
 
-Re-running the same command resumes from the workdir's latest checkpoint. The resolved config is
-written to `WORKDIR/config.json`; a resume whose config differs in a key that changes numerics or
-data order stops with a diff (pass --allow_config_change to go on anyway).
+Re-running the same command resumes from the workdir's newest intact checkpoint. The resolved
+config is written to `WORKDIR/config.json` and the process/device counts to `topology.json`; a
+resume that differs in a key that changes numerics or data order, or in topology, stops with a
+diff (pass --allow_config_change to go on anyway). SIGTERM (a preemption notice) saves a
+checkpoint at the same step on every process and exits 0.
+
+Multi-host (one command per host; JAX detects the flags on TPU pods, SLURM and Open MPI):
+  python launch.py --config=... --workdir=SHARED_DIR --coordinator_address=HOST0:PORT \
+      --num_processes=N --process_id=I [--heartbeat_timeout_s=30]
 """
 
 from __future__ import annotations
@@ -49,6 +55,11 @@ flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"],
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.DEFINE_integer("heartbeat_timeout_s", 100, "Multi-host: a process that sends no heartbeat "
+                     "for this long is declared dead and every other process exits non-zero "
+                     "(lower it so a lost host ends the job quickly instead of hanging it).")
+flags.DEFINE_integer("initialization_timeout_s", 300, "Multi-host: how long to wait for every "
+                     "process to join at start-up.")
 flags.DEFINE_bool("verbose_errors", False, "Show full tracebacks for configuration errors.")
 
 
@@ -115,17 +126,40 @@ def precheck_config_arg(argv) -> None:
                  f"All keys: python -c \"import experiments.{name} as m; print(m.get_config())\"")
 
 
-def maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize() before any other JAX call, when this is a multi-process job."""
+def maybe_initialize_distributed() -> bool:
+  """jax.distributed.initialize() before any other JAX call, when this is a multi-process job.
+
+  'auto' starts it when coordinator flags are given or the environment names several SLURM
+  tasks, Open MPI ranks or TPU workers; `--distributed=yes` always does. Flags left unset are
+  then filled in by JAX's cluster detection (Cloud TPU pods, SLURM, Open MPI, Kubernetes).
+  Returns whether it initialized.
+  """
   explicit = FLAGS.coordinator_address is not None or FLAGS.num_processes is not None
   detected = (int(os.environ.get("SLURM_NTASKS", "1")) > 1
               or len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
               or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
   if FLAGS.distributed == "no" or (FLAGS.distributed == "auto" and not (explicit or detected)):
-    return
+    return False
   import jax
+  # CPU processes need a cross-process collectives library (GPU uses NCCL, TPU its ICI/DCN);
+  # the option is ignored by other backends.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # JAX's preemption service would take SIGTERM for itself; maskax.preemption handles it the
+  # same way with or without jax.distributed (see that module).
+  jax.config.update("jax_enable_preemption_service", False)
   jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                             num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+                             num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+                             heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_s,
+                             initialization_timeout=FLAGS.initialization_timeout_s)
+  return True
+
+
+def topology() -> dict[str, int]:
+  """What a resume must match: a different split changes reduction order and data sharding."""
+  import jax
+  return {"process_count": jax.process_count(), "device_count": jax.device_count(),
+          # Each process loads its own shard of every batch in-process: no extra worker pool.
+          "data_workers": jax.process_count()}
 
 
 def run_one(module, config, workdir: str) -> dict:
@@ -134,7 +168,7 @@ def run_one(module, config, workdir: str) -> dict:
   from maskax import runs
   runs.write_config(workdir, config.to_dict(), safe=getattr(module, "RESUME_SAFE_KEYS", ()),
                     allow_change=FLAGS.allow_config_change,
-                    is_writer=jax.process_index() == 0)
+                    is_writer=jax.process_index() == 0, topology=topology())
   return module.run(config, workdir)
 
 
@@ -188,6 +222,7 @@ def main(argv):
   maybe_initialize_distributed()
   import jax  # only after distributed init: no JAX call may come before it.
   from maskax import runs
+  from maskax.preemption import Preempted
 
   name, preset = _name_and_preset(_config_arg(sys.argv))
   module = _load_module(name)
@@ -197,10 +232,15 @@ def main(argv):
   workdir = FLAGS.workdir or os.path.join("runs", name, preset or "default")
   logging.info("experiment %s, preset %s, workdir %s, %d device(s) on %d process(es)",
                name, preset or "default", workdir, jax.device_count(), jax.process_count())
-  if FLAGS.sweep:
-    run_sweep(module, config, workdir, FLAGS.sweep)
-  else:
-    print(runs.format_final(run_one(module, config, workdir)))
+  try:
+    if FLAGS.sweep:
+      run_sweep(module, config, workdir, FLAGS.sweep)
+    else:
+      print(runs.format_final(run_one(module, config, workdir)))
+  except Preempted as e:  # the checkpoint is committed: a clean exit lets the scheduler requeue
+    logging.warning("%s", e)
+    print(e)
+    return 0
   return 0
 
 

@@ -21,6 +21,9 @@ import optax
 from maskax import losses, masks, train
 from maskax.data import iterators
 
+# Slowing the data pipeline (tests that signal or kill a run mid-way) changes no number.
+RESUME_SAFE_KEYS = ("debug.step_delay_s",)
+
 PRESETS = {
     "default": "128-wide MLP, 600 steps (about 20 s on a 2-core CPU)",
     "smoke": "tiny MLP, 6 steps, checkpoint every 2 (seconds; for tests)",

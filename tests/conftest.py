@@ -13,6 +13,8 @@ import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+import json  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -25,9 +27,7 @@ if ROOT not in sys.path:  # lets tests import experiments.<name> like launch.py 
 
 def launch(*args, devices: int = 1, timeout: float = 300, env=None, check=False):
   """Runs `python launch.py ARGS` in a subprocess on `devices` simulated CPU devices."""
-  full_env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-                  XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  full_env.update(env or {})
+  full_env = _env(devices, env)
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
                         env=full_env, capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode != 0:
@@ -38,3 +38,61 @@ def launch(*args, devices: int = 1, timeout: float = 300, env=None, check=False)
 @pytest.fixture
 def run_launch():
   return launch
+
+
+def _env(devices: int, env=None) -> dict:
+  full_env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+                  XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  full_env.update(env or {})
+  return full_env
+
+
+def spawn(*args, log_path, devices: int = 1, env=None, python_args=()) -> subprocess.Popen:
+  """Starts `python [PYTHON_ARGS] launch.py ARGS` without waiting; stdout+stderr -> log_path.
+
+  A file, not a pipe: a child that logs a lot can never block on a full pipe. `python_args`
+  replaces `launch.py` when given (e.g. `("-c", CODE)` for a patched launcher).
+  """
+  command = list(python_args) or [os.path.join(ROOT, "launch.py")]
+  with open(log_path, "w") as log:
+    return subprocess.Popen([sys.executable, *command, *args], cwd=ROOT,
+                            env=_env(devices, env), stdout=log, stderr=subprocess.STDOUT)
+
+
+def free_port() -> int:
+  """A loopback port nobody listens on (for a jax.distributed coordinator)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def spawn_processes(*args, n: int, log_dir, heartbeat_s: int = 5, devices: int = 1):
+  """Starts an `n`-process jax.distributed job on loopback; returns the Popens by process id."""
+  address = f"127.0.0.1:{free_port()}"
+  return [spawn(*args, f"--coordinator_address={address}", f"--num_processes={n}",
+                f"--process_id={i}", f"--heartbeat_timeout_s={heartbeat_s}",
+                log_path=os.path.join(log_dir, f"process{i}.log"), devices=devices)
+          for i in range(n)]
+
+
+def read_losses(workdir) -> dict:
+  """`{step: loss}` from `workdir/metrics.jsonl` (floats parsed from their repr: bitwise)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+# The uninterrupted run the preemption and multi-process tests compare with: 20 steps of the
+# example experiment, a loss record per step, checkpoints every 5 steps.
+SMOKE20 = ("--config=experiments/example_regression.py:smoke", "--config.train.steps=20",
+           "--config.train.log_every=1", "--config.train.checkpoint_every=5")
+
+
+@pytest.fixture(scope="session")
+def reference_losses(tmp_path_factory):
+  """`{step: loss}` of SMOKE20 in one process with 2 simulated devices (run once per session)."""
+  workdir = tmp_path_factory.mktemp("reference") / "run"
+  launch(*SMOKE20, f"--workdir={workdir}", devices=2, check=True)
+  losses = read_losses(workdir)
+  assert sorted(losses) == list(range(1, 21))
+  return losses

@@ -101,3 +101,23 @@ def test_sweep_writes_tables_and_plot(tmp_path):
   table = (tmp_path / "results.md").read_text()
   assert "| model.hidden |" in table and "| 8 |" in table and "| 16 |" in table
   assert "eval/mse" in table and "results.md" in proc.stdout
+
+
+def test_topology_is_pinned_on_resume_unless_allowed(tmp_path):
+  from maskax import runs
+  workdir = str(tmp_path)
+  config = {"train": {"learning_rate": 0.1, "steps": 5}}
+  one = {"process_count": 1, "device_count": 1, "data_workers": 1}
+  runs.write_config(workdir, config, topology=one)
+  os.makedirs(tmp_path / "checkpoints" / "5")
+  two = {"process_count": 2, "device_count": 2, "data_workers": 2}
+  with pytest.raises(runs.ConfigChangedError) as error:
+    runs.write_config(workdir, {"train": {"learning_rate": 0.2, "steps": 9}}, topology=two)
+  lines = str(error.value).splitlines()
+  assert "  train.learning_rate: 0.1 -> 0.2" in lines
+  assert "  topology.process_count: 1 -> 2" in lines
+  assert "  topology.device_count: 1 -> 2" in lines
+  assert not any("train.steps" in line for line in lines)  # a safe key
+  runs.write_config(workdir, config, topology=two, allow_change=True)
+  assert json.loads((tmp_path / "topology.json").read_text()) == two
+  assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]  # atomic writes leave no debris

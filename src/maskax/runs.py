@@ -12,6 +12,7 @@ import os
 from typing import Any, Iterable, Mapping
 
 CONFIG_FILE = "config.json"
+TOPOLOGY_FILE = "topology.json"
 
 # Keys that may change between a run and its resume: they decide how long and how often, not
 # what is computed. Experiments add their own (generation options, ...) via RESUME_SAFE_KEYS.
@@ -60,18 +61,41 @@ def has_checkpoint(workdir: str) -> bool:
   return os.path.isdir(path) and any(n.isdigit() for n in os.listdir(path))
 
 
-def write_config(workdir: str, config: Mapping[str, Any], *, safe: Iterable[str] = (),
-                 allow_change: bool = False, is_writer: bool = True) -> None:
-  """Writes `workdir/config.json`; on resume, first checks it against the stored one.
+def _read_json(path: str) -> Any:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
-  Raises ConfigChangedError with the differing keys when a run with checkpoints is resumed
-  under a config that changes numerics or data order (unless `allow_change`).
+
+def _write_json_atomic(path: str, value: Any) -> None:
+  # Other processes of a multi-host job read this file while process 0 rewrites it: they must
+  # see the old or the new text, never half of it (os.replace is atomic on POSIX).
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def write_config(workdir: str, config: Mapping[str, Any], *, safe: Iterable[str] = (),
+                 allow_change: bool = False, is_writer: bool = True,
+                 topology: Mapping[str, Any] | None = None) -> None:
+  """Writes `workdir/config.json` (and `topology.json`); on resume, first checks them.
+
+  `topology` is e.g. `{"process_count": 2, "device_count": 8, "data_workers": 2}`: a resume on
+  a different process or device count changes reduction order and data sharding, so it is
+  pinned like a numerics key. Raises ConfigChangedError with the differing keys when a run with
+  checkpoints is resumed under a config or topology that changes numerics or data order
+  (unless `allow_change`). Only the process with `is_writer` writes; every process checks.
   """
   path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.exists(path) and has_checkpoint(workdir):
-    with open(path) as f:
-      stored = json.load(f)
+  topo_path = os.path.join(workdir, TOPOLOGY_FILE)
+  stored = _read_json(path)
+  if stored is not None and has_checkpoint(workdir):
     diff = config_diff(stored, config, safe)
+    stored_topology = _read_json(topo_path)
+    if topology is not None and stored_topology is not None:  # None: written before pinning
+      diff += config_diff({"topology": stored_topology}, {"topology": topology}, ())
     if diff and not allow_change:
       raise ConfigChangedError(
           f"{workdir} holds a run with a different config; resuming would mix two experiments:\n"
@@ -80,8 +104,9 @@ def write_config(workdir: str, config: Mapping[str, Any], *, safe: Iterable[str]
   if is_writer:
     try:
       os.makedirs(workdir, exist_ok=True)
-      with open(path, "w") as f:
-        json.dump(_jsonify(config), f, indent=2, sort_keys=True)
+      _write_json_atomic(path, _jsonify(config))
+      if topology is not None:
+        _write_json_atomic(topo_path, _jsonify(topology))
     except OSError as e:
       raise PermissionError(f"cannot write to workdir {workdir!r} ({e.strerror}); pick a "
                             "writable --workdir.") from None

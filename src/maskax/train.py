@@ -28,9 +28,11 @@ import optax
 from absl import logging
 
 from maskax import checkpoint as ckpt_lib
+from maskax import preemption
 from maskax import progress as progress_lib
 from maskax import sharding as sharding_lib
 from maskax.losses import safe_div
+from maskax.preemption import Preempted  # noqa: F401  (re-exported: train.Preempted)
 from maskax.train_step import make_eval_step, make_train_step
 
 Pairs = Mapping[str, tuple[jax.Array, jax.Array]]
@@ -119,6 +121,21 @@ def _add(a, b):
   return b if a is None else jax.tree.map(jnp.add, a, b)
 
 
+def _sums_to_json(sums) -> dict | None:
+  """`{name: (total, weight)}` of device scalars -> `{name: [[value, dtype], [value, dtype]]}`."""
+  if sums is None:
+    return None
+  return {k: [[np.asarray(x).item(), np.asarray(x).dtype.name] for x in pair]
+          for k, pair in jax.device_get(sums).items()}
+
+
+def _sums_from_json(saved) -> dict | None:
+  if not saved:  # None, or a checkpoint written before log sums were saved
+    return None
+  return {k: tuple(np.asarray(v, dtype=jnp.dtype(d)) for v, d in pair)
+          for k, pair in saved.items()}
+
+
 def evaluate(task: Task, state: TrainState, eval_step, mesh) -> dict[str, float]:
   """One pass over `task.eval_data()` plus `task.extra_eval`, as `eval/<name>` floats."""
   metrics: dict[str, float] = {}
@@ -135,7 +152,8 @@ def evaluate(task: Task, state: TrainState, eval_step, mesh) -> dict[str, float]
 
 
 def init_or_restore(task: Task, seed: int, mesh, checkpointer):
-  """Fresh state (placed on the mesh) or the latest checkpoint's state, data and loop record."""
+  """Fresh state (placed on the mesh) or the newest intact checkpoint's state, data and loop
+  record (a damaged newer checkpoint is skipped with a warning; see `Checkpointer`)."""
   repl = sharding_lib.replicated(mesh)
 
   def init_state(key):
@@ -145,67 +163,81 @@ def init_or_restore(task: Task, seed: int, mesh, checkpointer):
                       opt_state=task.optimizer.init(params), model_state=model_state,
                       key=loop_key)
 
-  init = jax.jit(init_state, out_shardings=repl)
   key = jax.random.PRNGKey(seed)
-  if checkpointer.latest_step() is None:
-    return init(key), None, {"elapsed": 0.0, "nonfinite_steps": []}
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
-                          jax.eval_shape(init_state, key))
-  return checkpointer.restore(abstract)
+  if checkpointer.latest_step() is not None:
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
+                            jax.eval_shape(init_state, key))
+    any_process = sharding_lib.make_any_process(mesh)
+    restored = checkpointer.restore_latest(
+        abstract, agree=lambda bad: bool(jax.device_get(any_process(bad))))
+    if restored is not None:
+      return restored
+  init = jax.jit(init_state, out_shardings=repl)
+  return init(key), None, {"elapsed": 0.0, "nonfinite_steps": []}
 
 
 def train(task: Task, options: LoopOptions, workdir: str, *, seed: int,
           mesh=None) -> tuple[TrainState, dict[str, float]]:
-  """Trains to `options.steps`, resuming from `workdir` if it holds a checkpoint."""
+  """Trains to `options.steps`, resuming from `workdir` if it holds a checkpoint.
+
+  On SIGTERM every process saves the same step and `Preempted` is raised (see
+  `maskax.preemption`); calling `train` again resumes from that step.
+  """
   mesh = sharding_lib.make_mesh() if mesh is None else mesh
   checkpointer = ckpt_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), every=options.checkpoint_every,
       keep=options.keep_checkpoints, async_save=options.async_checkpoints)
   try:
-    return _run(task, options, workdir, seed, mesh, checkpointer)
+    with preemption.StopSignal() as stop_signal:
+      return _run(task, options, workdir, seed, mesh, checkpointer, stop_signal)
   finally:
     checkpointer.close()  # orbax drops an in-flight async save at exit unless we wait.
 
 
-def _run(task, options, workdir, seed, mesh, checkpointer):
+def _run(task, options, workdir, seed, mesh, checkpointer, stop_signal):
   state, data_state, loop = init_or_restore(task, seed, mesh, checkpointer)
   if data_state is not None:
     task.train_data.set_state(data_state)
   step = int(jax.device_get(state.step))
   if step:
     logging.info("resumed at step %d from %s", step, workdir)
-  train_step = make_train_step(task, options, mesh)
+  train_step = make_train_step(task, options, mesh, stop_vote=True)
   eval_step = make_eval_step(task, mesh)
+  stop_flags = {flag: sharding_lib.process_flag(flag, mesh) for flag in (False, True)}
   writer = progress_lib.MetricWriter(workdir, resume_step=step)
   progress = progress_lib.Progress(options.steps, step)
   final: dict[str, float] = {}
-  sums, pending = None, None
+  sums, pending, stop = _sums_from_json(loop.get("log_sums")), None, False
   started = time.perf_counter() - loop["elapsed"]
 
-  def check(pending_step, finite):
-    # Fetching last step's flag after the next step is dispatched keeps the device busy.
-    if bool(jax.device_get(finite)):
-      return
-    loop["nonfinite_steps"].append(pending_step)
-    logging.warning("step %d: non-finite loss or gradient; update skipped, parameters unchanged.",
-                    pending_step)
-    if options.on_nonfinite == "stop" and len(loop["nonfinite_steps"]) >= options.max_nonfinite_steps:
-      raise NonFiniteError(
-          f"non-finite loss or gradient at step(s) {loop['nonfinite_steps']}: those updates were"
-          " skipped and the parameters left unchanged; stopping after"
-          f" train.max_nonfinite_steps={options.max_nonfinite_steps}. Inspect the data and the"
-          " learning rate at that step, or pass --config.train.on_nonfinite=skip.")
+  def check(pending_step, finite, stop_vote) -> bool:
+    """Raises on too many non-finite steps; returns whether some process asked to stop."""
+    # Fetching last step's flags after the next step is dispatched keeps the device busy.
+    finite, stop_vote = jax.device_get((finite, stop_vote))
+    if not finite:
+      loop["nonfinite_steps"].append(pending_step)
+      logging.warning("step %d: non-finite loss or gradient; update skipped, parameters "
+                      "unchanged.", pending_step)
+      if (options.on_nonfinite == "stop"
+          and len(loop["nonfinite_steps"]) >= options.max_nonfinite_steps):
+        raise NonFiniteError(
+            f"non-finite loss or gradient at step(s) {loop['nonfinite_steps']}: those updates"
+            " were skipped and the parameters left unchanged; stopping after"
+            f" train.max_nonfinite_steps={options.max_nonfinite_steps}. Inspect the data and"
+            " the learning rate at that step, or pass --config.train.on_nonfinite=skip.")
+    return bool(stop_vote)
 
   while step < options.steps:
     batch = sharding_lib.shard_batch(next(task.train_data), mesh)
-    state, out = train_step(state, batch)
+    # out["stop"]: some process got SIGTERM. All read it after the same step, so all stop there.
+    state, out = train_step(state, batch, stop_flags[stop_signal.requested()])
     step += 1
     if pending is not None:
-      check(*pending)
-    pending = (step, out["finite"])
+      stop |= check(*pending)
+    pending = (step, out["finite"], out["stop"])
     sums = _add(sums, out["sums"])
     if step % options.log_every == 0 or step == options.steps:
-      check(*pending)
+      stop |= check(*pending)
       pending = None
       final = sums_to_metrics(sums)
       sums = None
@@ -221,8 +253,15 @@ def _run(task, options, workdir, seed, mesh, checkpointer):
         final.update(evals)
       progress.rate(step)  # evaluation time is not training speed
     loop["elapsed"] = time.perf_counter() - started
-    checkpointer.save(step, state, task.train_data.get_state(), loop,
-                      force=step == options.steps)
+    force = stop or step == options.steps
+    if checkpointer.due(step, force=force):
+      # The open log interval travels with the checkpoint, so that a resumed run logs the
+      # same averages as an uninterrupted one.
+      loop["log_sums"] = _sums_to_json(sums)
+      checkpointer.save(step, state, task.train_data.get_state(), loop, force=force)
+    if stop and step < options.steps:
+      logging.warning("preemption notice (SIGTERM): saved step %d, stopping.", step)
+      raise preemption.Preempted(step, workdir)
   if not final:  # resumed a finished run: report its evaluation again
     final = evaluate(task, state, eval_step, mesh)
   return state, final

@@ -167,6 +167,7 @@ def run_one(module, config, workdir: str) -> dict:
   import jax
   from maskax import runs
   runs.write_config(workdir, config.to_dict(), safe=getattr(module, "RESUME_SAFE_KEYS", ()),
+                    pinned=getattr(module, "RESUME_PINNED_KEYS", ()),
                     allow_change=FLAGS.allow_config_change,
                     is_writer=jax.process_index() == 0, topology=topology())
   return module.run(config, workdir)

@@ -87,6 +87,9 @@ def test_smoke_trains_checkpoints_and_resumes(tmp_path):
   assert "eval/mlm_accuracy" in proc.stdout
   assert os.path.isdir(tmp_path / "checkpoints" / "4")
   assert (tmp_path / "tokenizer.json").exists()
-  proc = launch(*args, "--config.train.steps=6", check=True)
+  # The schedule is a function of train.steps: extending the run must be asked for explicitly.
+  proc = launch(*args, "--config.train.steps=6")
+  assert proc.returncode == 1 and "train.steps: 4 -> 6" in proc.stderr
+  proc = launch(*args, "--config.train.steps=6", "--allow_config_change", check=True)
   assert "resumed at step 4" in proc.stderr
   assert os.path.isdir(tmp_path / "checkpoints" / "6")

@@ -42,9 +42,14 @@ def _jsonify(value):
 
 
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any],
-                safe: Iterable[str] = ()) -> list[str]:
-  """Lines `key: old -> new` for every key that differs, except keys in or under `safe`."""
-  safe = tuple(RESUME_SAFE_KEYS) + tuple(safe)
+                safe: Iterable[str] = (), pinned: Iterable[str] = ()) -> list[str]:
+  """Lines `key: old -> new` for every key that differs, except keys in or under `safe`.
+
+  `pinned` takes keys back out of the default safe set: an experiment whose learning-rate
+  schedule is a function of `train.steps` pins it, since extending such a run mid-way changes
+  the schedule of the steps already taken.
+  """
+  safe = tuple(k for k in RESUME_SAFE_KEYS if k not in tuple(pinned)) + tuple(safe)
   old_f, new_f = flatten(_jsonify(old)), flatten(_jsonify(new))
   lines = []
   for key in sorted(set(old_f) | set(new_f)):
@@ -78,7 +83,7 @@ def _write_json_atomic(path: str, value: Any) -> None:
 
 
 def write_config(workdir: str, config: Mapping[str, Any], *, safe: Iterable[str] = (),
-                 allow_change: bool = False, is_writer: bool = True,
+                 pinned: Iterable[str] = (), allow_change: bool = False, is_writer: bool = True,
                  topology: Mapping[str, Any] | None = None) -> None:
   """Writes `workdir/config.json` (and `topology.json`); on resume, first checks them.
 
@@ -92,7 +97,7 @@ def write_config(workdir: str, config: Mapping[str, Any], *, safe: Iterable[str]
   topo_path = os.path.join(workdir, TOPOLOGY_FILE)
   stored = _read_json(path)
   if stored is not None and has_checkpoint(workdir):
-    diff = config_diff(stored, config, safe)
+    diff = config_diff(stored, config, safe, pinned)
     stored_topology = _read_json(topo_path)
     if topology is not None and stored_topology is not None:  # None: written before pinning
       diff += config_diff({"topology": stored_topology}, {"topology": topology}, ())

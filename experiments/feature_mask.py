@@ -1,0 +1,219 @@
+"""Masking features instead of timesteps: which input for RGB streams with missing channels?
+
+A GRU (or LSTM) forecasts the full RGB of a pixel at t+1 from its past, where channels go
+missing at random per step (or, with data.bursty, drop out for stretches) and some whole steps
+are missing: `maskax.data.synthetic.rgb_streams` (smooth trajectories, noise, scene cuts,
+values clipped to [0, 1] so real blacks exist) and `missing_mask`. Missing entries hold NaN in
+the batches: the model must never read them. One key, `model.strategy`, picks the input
+(`maskax.models.timeseries`): indicator (zeroed values + mask), zero_fill (no mask),
+forward_fill (last observed value + mask), mean_fill (training mean + mask). A step with
+nothing observed freezes the carry. The loss is masked MSE over observed target channels.
+
+The ablation is strategy x missing rate. Decision: one run per strategy, trained on a mix of
+rates (each training sequence draws its rate from data.train_rates), evaluated on the same
+held-out streams at every rate in data.eval_rates. So the rate is an eval axis, not a sweep
+key: 4 runs instead of 16, and every rate is scored by the same weights. Reported per rate r
+(in %): eval/mse_miss{r} (observed targets), eval/full_mse_miss{r} (every target: the fully
+observed ground truth) and eval/last_value_mse_miss{r} (naive baseline: last observed value).
+
+  python launch.py --config=experiments/feature_mask.py --workdir=runs/feature_mask
+  python launch.py --config=experiments/feature_mask.py --workdir=runs/feature_mask_ablation \
+      --sweep=model.strategy=indicator,zero_fill,forward_fill,mean_fill
+Hardware: CPU. Default (T = 64, batch 32, 1500 steps): about 15 s of CPU time, 45 s wall per
+strategy on a shared 2-core CPU; the 4-strategy sweep 3 min. Expected (measured, 256 held-out
+streams): at 60% missing, observed-target MSE 0.0277 (indicator), 0.0278 (forward_fill),
+0.0279 (mean_fill), 0.0354 (zero_fill), against 0.0329 for the last-value baseline.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from maskax import sharding, train
+from maskax.data import iterators, synthetic
+from maskax.models import timeseries
+
+PRESETS = {
+    "default": "GRU(32), T=64 RGB streams, rates 0-60% mixed, batch 32, 1500 steps (~45 s)",
+    "smoke": "GRU(8), T=12, 4 steps, checkpoint every 2 (seconds; for tests)",
+}
+_RATES = (0.0, 0.2, 0.4, 0.6)
+REPORT_METRICS = tuple(f"eval/{name}_miss{round(100 * r)}" for name in
+                       ("mse", "full_mse", "last_value_mse") for r in _RATES)
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  arg = arg or "default"
+  if arg not in PRESETS:
+    raise ValueError(f"unknown preset {arg!r}; presets: {', '.join(PRESETS)}")
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # init, training batches (seed), held-out streams (seed + 1), fill mean (seed + 2)
+  c.data = ml_collections.ConfigDict()
+  c.data.steps = 64  # T
+  c.data.noise = 0.05  # sensor noise std (alone it puts a floor of 0.0025 on the MSE)
+  c.data.cut_rate = 0.01  # scene cuts per step: unpredictable jumps (~0.0017 more MSE)
+  c.data.wobble = 0.3  # amplitude of the smooth colour drift within a scene
+  c.data.periods = (6.0, 20.0)  # range of the drift's sinusoid periods, in steps
+  c.data.train_rates = _RATES  # each training sequence draws its missing rate from these
+  c.data.eval_rates = _RATES  # held-out MSE at each (names: eval/mse_miss{100 r})
+  c.data.step_share = 0.25  # share of the missing rate taken by whole missing steps
+  c.data.bursty = False  # channels drop out for stretches instead of independently
+  c.data.burst_steps = 8.0  # bursty: mean length of a dropout
+  c.data.eval_size = 256  # held-out streams (a multiple of eval_batch_size)
+  c.data.eval_batch_size = 64
+  c.model = ml_collections.ConfigDict()
+  c.model.strategy = "indicator"  # indicator | zero_fill | forward_fill | mean_fill
+  c.model.cell = "gru"  # gru | lstm
+  c.model.hidden = 32  # D
+  c.model.freeze_missing_steps = True  # a step with nothing observed leaves the carry unchanged
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1500
+  c.train.batch_size = 32
+  c.train.learning_rate = 3e-3  # Adam
+  c.train.log_every = 50
+  c.train.eval_every = 500
+  c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 2
+  c.train.grad_accum_steps = 1
+  c.train.on_nonfinite = "stop"  # stop | skip
+  c.train.max_nonfinite_steps = 1
+  c.train.async_checkpoints = True
+  if arg == "smoke":
+    c.data.steps = 12
+    c.data.eval_size = 16
+    c.data.eval_batch_size = 8
+    c.model.hidden = 8
+    c.train.steps = 4
+    c.train.batch_size = 8
+    c.train.log_every = 2
+    c.train.eval_every = 0
+    c.train.checkpoint_every = 2
+  return c
+
+
+def build_model(config) -> timeseries.FeatureMaskRNN:
+  m = config.model
+  if m.strategy not in timeseries.STRATEGIES:
+    raise ValueError(f"model.strategy={m.strategy!r}: use one of "
+                     f"{', '.join(timeseries.STRATEGIES)}.")
+  return timeseries.FeatureMaskRNN(cell=m.cell, hidden=m.hidden, strategy=m.strategy,
+                                   freeze_missing_steps=m.freeze_missing_steps)
+
+
+def _streams(config, rng, n):
+  d = config.data
+  return synthetic.rgb_streams(rng, n, d.steps, noise=d.noise, cut_rate=d.cut_rate,
+                               wobble=d.wobble, periods=tuple(d.periods))
+
+
+def _mask(config, rng, n, rate):
+  d = config.data
+  return synthetic.missing_mask(rng, n, d.steps, rate=rate, step_share=d.step_share,
+                                bursty=d.bursty, burst_steps=d.burst_steps)
+
+
+def make_batch_fn(config):
+  """`(rng, n) -> {x f32[n, T, 3] (NaN where missing), mask bool[n, T, 3]}`."""
+  rates = np.asarray(config.data.train_rates, np.float64)
+
+  def make(rng, n):
+    x = _streams(config, rng, n)
+    mask = _mask(config, rng, n, rates[rng.integers(0, len(rates), size=n)])
+    return {"x": np.where(mask, x, np.nan).astype(np.float32), "mask": mask}
+
+  return make
+
+
+def fill_mean(config) -> np.ndarray:
+  """Per-channel mean of held-aside training streams: f32[3] (mean_fill, GRU-D).
+
+  Entries go missing independently of their values, so this equals the mean of the observed
+  values in expectation.
+  """
+  x = _streams(config, np.random.default_rng([config.seed + 2, 0]), 256)
+  return x.reshape(-1, 3).mean(axis=0).astype(np.float32)
+
+
+def make_loss(model, fill_value):
+  """Task loss: masked MSE of the t+1 forecast over observed target channels (token mean)."""
+
+  def loss(params, model_state, batch, key, *, train):
+    del key, train
+    pred = model.apply({"params": params}, batch["x"], batch["mask"], fill_value=fill_value)
+    observed, _ = timeseries.next_step_mse(pred, batch["x"], batch["mask"])
+    return {"mse": observed}, {}, model_state
+
+  return loss
+
+
+def make_evaluator(config, model, fill_value, *, mesh):
+  """`extra_eval(state)`: held-out MSE at every rate in data.eval_rates, plus the baseline.
+
+  The same held-out streams are masked at each rate (iid masks are nested across rates).
+  """
+  d = config.data
+  if d.eval_size % d.eval_batch_size:
+    raise ValueError(f"data.eval_size={d.eval_size} must be a multiple of "
+                     f"data.eval_batch_size={d.eval_batch_size}.")
+  truth = _streams(config, np.random.default_rng([config.seed + 1, 0]), d.eval_size)
+  rows = sharding.process_slice(d.eval_batch_size)
+  baseline = jax.jit(lambda x, m: timeseries.next_step_mse(
+      timeseries.last_value_forecast(x, m, fill_value=fill_value), x, m)[0])
+  per_rate = {}
+  for rate in d.eval_rates:
+    mask = _mask(config, np.random.default_rng([config.seed + 1, 1]), d.eval_size, rate)
+    x = np.where(mask, truth, np.nan).astype(np.float32)
+    total, weight = jax.device_get(baseline(x, mask))
+    batches = []
+    for start in range(0, d.eval_size, d.eval_batch_size):
+      part = slice(start, start + d.eval_batch_size)
+      local = {"x": x[part][rows], "mask": mask[part][rows], "truth": truth[part][rows]}
+      batches.append(sharding.shard_batch(local, mesh))
+    per_rate[rate] = (batches, float(total / weight))
+
+  def sums(params, batch):
+    pred = model.apply({"params": params}, batch["x"], batch["mask"], fill_value=fill_value)
+    (obs_t, obs_w), _ = timeseries.next_step_mse(pred, batch["x"], batch["mask"])
+    _, (full_t, full_w) = timeseries.next_step_mse(pred, batch["truth"], batch["mask"])
+    return obs_t, obs_w, full_t, full_w
+
+  repl = sharding.replicated(mesh)
+  sums = jax.jit(sums, in_shardings=(repl, sharding.batch_sharding(mesh)), out_shardings=repl)
+
+  def extra_eval(state):
+    result = {}
+    for rate, (batches, base) in per_rate.items():
+      acc = np.zeros(4)
+      for batch in batches:
+        acc += np.asarray(jax.device_get(sums(state.params, batch)), np.float64)
+      name = round(100 * rate)
+      result[f"mse_miss{name}"] = acc[0] / max(acc[1], 1.0)
+      result[f"full_mse_miss{name}"] = acc[2] / max(acc[3], 1.0)
+      result[f"last_value_mse_miss{name}"] = base
+    return result
+
+  return extra_eval
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  model = build_model(config)
+  fill_value = jnp.asarray(fill_mean(config))
+  mesh = sharding.make_mesh()
+  proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  train_data = iterators.SyntheticBatches(make_batch_fn(config), config.train.batch_size,
+                                          config.seed, **proc)
+
+  def init(key):
+    x = jnp.zeros((1, config.data.steps, 3), jnp.float32)
+    return model.init(key, x, jnp.ones(x.shape, jnp.bool_), fill_value=fill_value)["params"], {}
+
+  task = train.Task(init=init, loss=make_loss(model, fill_value),
+                    optimizer=optax.adam(config.train.learning_rate), train_data=train_data,
+                    extra_eval=make_evaluator(config, model, fill_value, mesh=mesh))
+  _, final = train.train(task, train.LoopOptions.from_config(config.train), workdir,
+                         seed=config.seed, mesh=mesh)
+  return final

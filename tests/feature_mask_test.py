@@ -1,0 +1,168 @@
+"""maskax.models.timeseries and experiments/feature_mask.py: the inputs never read a missing
+value, strategies agree on fully observed streams, the loss ignores unobserved targets, a
+fully missing step freezes the carry, and `smoke` trains, checkpoints and resumes."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from conftest import launch
+from experiments import feature_mask as fm
+from maskax.models import timeseries
+
+B, T, F = 3, 8, 3
+FILL = np.array([0.5, 0.25, 0.75], np.float32)
+SMOKE = "--config=experiments/feature_mask.py:smoke"
+
+
+def _data(seed=0, rate=0.4):
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(size=(B, T, F)).astype(np.float32)
+  mask = rng.uniform(size=(B, T, F)) >= rate
+  mask[1, 3] = False  # a whole step missing
+  return x, mask
+
+
+def _forward_fill_ref(x, mask, fill):
+  out = np.empty_like(x)
+  for b in range(x.shape[0]):
+    last = fill.copy()
+    for t in range(x.shape[1]):
+      last = np.where(mask[b, t], x[b, t], last)
+      out[b, t] = last
+  return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**16), st.floats(0.0, 0.9))
+def test_forward_fill_matches_a_loop(seed, rate):
+  x, mask = _data(seed, rate)
+  got = timeseries.forward_fill(np.where(mask, x, np.nan), mask, fill_value=FILL)
+  np.testing.assert_array_equal(got, _forward_fill_ref(x, mask, FILL))
+
+
+@pytest.mark.parametrize("strategy", timeseries.STRATEGIES)
+def test_inputs_never_read_missing_values(strategy):
+  x, mask = _data()
+  build = lambda x: timeseries.build_inputs(x, mask, strategy=strategy, fill_value=FILL)
+  clean = build(x)
+  for garbage in (np.nan, np.inf, -1e6):
+    np.testing.assert_array_equal(build(np.where(mask, x, garbage)), clean)
+  grad = jax.grad(lambda x: jnp.sum(build(x) ** 2))(jnp.where(mask, x, jnp.nan))
+  assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[~mask] == 0)
+
+
+def test_fully_observed_inputs_agree_except_indicator_columns():
+  x, _ = _data()
+  full = np.ones(x.shape, bool)
+  inputs = {s: np.asarray(timeseries.build_inputs(x, full, strategy=s, fill_value=FILL))
+            for s in timeseries.STRATEGIES}
+  assert inputs["zero_fill"].shape == (B, T, F)
+  np.testing.assert_array_equal(inputs["zero_fill"], x)
+  for s in ("indicator", "forward_fill", "mean_fill"):
+    assert inputs[s].shape == (B, T, 2 * F)
+    np.testing.assert_array_equal(inputs[s][..., :F], x)
+    np.testing.assert_array_equal(inputs[s][..., F:], 1.0)
+
+
+def test_each_strategy_fills_missing_entries_as_documented():
+  x, mask = _data()
+  get = lambda s: np.asarray(timeseries.build_inputs(x, mask, strategy=s, fill_value=FILL))
+  np.testing.assert_array_equal(get("zero_fill"), np.where(mask, x, 0.0))
+  np.testing.assert_array_equal(get("indicator")[..., :F], np.where(mask, x, 0.0))
+  np.testing.assert_array_equal(get("mean_fill")[..., :F], np.where(mask, x, FILL))
+  np.testing.assert_array_equal(get("forward_fill")[..., :F], _forward_fill_ref(x, mask, FILL))
+  np.testing.assert_array_equal(get("indicator")[..., F:], mask.astype(np.float32))
+  jitted = jax.jit(timeseries.build_inputs, static_argnames="strategy")
+  for s in timeseries.STRATEGIES:
+    np.testing.assert_array_equal(jitted(x, mask, strategy=s, fill_value=FILL), get(s))
+  with pytest.raises(ValueError, match="strategy='median'"):
+    timeseries.build_inputs(x, mask, strategy="median")
+  with pytest.raises(ValueError, match="fmask must be bool"):
+    timeseries.build_inputs(x, mask.astype(np.float32), strategy="indicator")
+  with pytest.raises(ValueError, match="fill_value must be"):
+    timeseries.build_inputs(x, mask, strategy="mean_fill", fill_value=FILL[:2])
+
+
+@pytest.fixture(scope="module")
+def lstm_setup():
+  model = timeseries.FeatureMaskRNN(cell="lstm", hidden=8, strategy="indicator")
+  x, mask = _data(1)
+  params = model.init(jax.random.key(0), x, mask, fill_value=FILL)["params"]
+  return model, params
+
+
+def test_loss_ignores_unobserved_targets(lstm_setup):
+  model, params = lstm_setup
+  x, mask = _data(2)
+  loss = jax.jit(lambda p, b: fm.make_loss(model, jnp.asarray(FILL))(p, {}, b, None,
+                                                                     train=True)[0]["mse"])
+  value_and_grad = jax.jit(jax.value_and_grad(lambda p, b: loss(p, b)[0] / loss(p, b)[1]))
+  base = {"x": np.where(mask, x, np.nan).astype(np.float32), "mask": mask}
+  (total, weight), (v, g) = loss(params, base), value_and_grad(params, base)
+  pred = model.apply({"params": params}, x, mask, fill_value=FILL)
+  err = np.square(np.asarray(pred, np.float64)[:, :-1] - x[:, 1:])
+  np.testing.assert_allclose(total, err[mask[:, 1:]].sum(), rtol=1e-5)
+  assert float(weight) == mask[:, 1:].sum()
+  for garbage in (0.0, 7.0, -np.inf):
+    other = dict(base, x=np.where(mask, x, garbage).astype(np.float32))
+    v2, g2 = value_and_grad(params, other)
+    assert float(v2) == float(v)
+    jax.tree.map(np.testing.assert_array_equal, g2, g)
+
+
+def test_a_fully_missing_step_freezes_the_carry(lstm_setup):
+  model, params = lstm_setup
+  x, mask = _data(3, rate=0.0)
+  mask[:, 4] = False
+  pred = np.asarray(model.apply({"params": params}, x, mask, fill_value=FILL))
+  np.testing.assert_array_equal(pred[:, 4], pred[:, 3])  # carry unchanged, forecast repeated
+  # Dropping the missing step from the sequence gives the same forecasts after it.
+  keep = np.arange(T) != 4
+  short = np.asarray(model.apply({"params": params}, x[:, keep], mask[:, keep],
+                                 fill_value=FILL))
+  np.testing.assert_allclose(pred[:, keep], short, atol=1e-6)
+
+
+def test_baseline_and_next_step_mse():
+  x, mask = _data(4)
+  forecast = timeseries.last_value_forecast(x, mask, fill_value=FILL)
+  (obs_t, obs_w), (full_t, full_w) = timeseries.next_step_mse(forecast, x, mask)
+  err = np.square(_forward_fill_ref(x, mask, FILL)[:, :-1] - x[:, 1:].astype(np.float64))
+  np.testing.assert_allclose(obs_t, err[mask[:, 1:]].sum(), rtol=1e-5)
+  np.testing.assert_allclose(full_t, err.sum(), rtol=1e-5)
+  assert float(obs_w) == mask[:, 1:].sum() and float(full_w) == B * (T - 1) * F
+
+
+def test_training_batches_hide_missing_values_and_mix_rates():
+  config = fm.get_config("smoke")
+  config.data.steps = 32
+  batch = fm.make_batch_fn(config)(np.random.default_rng(0), 64)
+  assert batch["x"].shape == (64, 32, 3) and batch["mask"].dtype == bool
+  np.testing.assert_array_equal(np.isnan(batch["x"]), ~batch["mask"])
+  missing = 1.0 - batch["mask"].mean(axis=(1, 2))
+  assert missing.min() == 0.0 and missing.max() > 0.45  # rates 0 .. 0.6 per sequence
+  config.model.strategy = "bogus"
+  with pytest.raises(ValueError, match="model.strategy='bogus'"):
+    fm.build_model(config)
+
+
+@pytest.mark.slow
+def test_smoke_trains_checkpoints_resumes(tmp_path):
+  work = str(tmp_path / "w")
+  first = launch(SMOKE, f"--workdir={work}", check=True)
+  assert "eval/mse_miss60" in first.stdout and "eval/last_value_mse_miss0" in first.stdout
+  assert os.path.isdir(os.path.join(work, "checkpoints", "4"))
+  second = launch(SMOKE, f"--workdir={work}", "--config.train.steps=6", check=True)
+  assert "resumed at step 4" in second.stderr
+  assert os.path.isdir(os.path.join(work, "checkpoints", "6"))
+  with open(os.path.join(work, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
+  final = [r for r in records if "eval/mse_miss0" in r][-1]
+  assert all(np.isfinite(final[m]) for m in fm.REPORT_METRICS)

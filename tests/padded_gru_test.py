@@ -1,0 +1,161 @@
+"""experiments/padded_gru.py: the fully masked model ignores padding (amount and contents), the
+plain ones do not; Keras' value rule differs from lengths exactly on real all-zero steps; the
+loss counts what the variant says; `smoke` trains, checkpoints and resumes."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import launch
+from experiments import padded_gru as pg
+from maskax import masks
+from maskax.data import synthetic
+
+B, T, F = 4, 12, 4
+LENGTHS = np.array([12, 7, 3, 5], np.int32)  # the first row touches T at pad1x
+GARBAGE = (0.0, np.nan, 1e3)
+SMOKE = "--config=experiments/padded_gru.py:smoke"
+
+
+def _model(variant):
+  return pg.PaddedGRUClassifier(pg.VARIANTS[variant], hidden=8, conv_layers=2, conv_features=4,
+                                conv_kernel=3)
+
+
+def _padded(x, steps, fill):
+  """x f32[B, T, F] (valid up to LENGTHS) padded to `steps`, `fill` at every invalid step."""
+  x = np.pad(x, ((0, 0), (0, steps - x.shape[1]), (0, 0)))
+  valid = np.arange(steps)[None] < LENGTHS[:, None]
+  return np.where(valid[..., None], x, fill).astype(np.float32), valid
+
+
+@pytest.fixture(scope="module")
+def setups():
+  """Per variant: (model, params, model_state with non-trivial BN statistics, predict)."""
+  x = np.random.default_rng(0).normal(size=(B, T, F)).astype(np.float32)
+  x_pad, valid = _padded(x, T, 0.0)
+  out = {}
+  for variant in ("fully_masked", "plain_bn", "plain_conv", "unmasked"):
+    model = _model(variant)
+    variables = model.init(jax.random.key(1), x_pad, valid, train=False)
+    params, state = variables["params"], {"batch_stats": variables["batch_stats"]}
+    state = pg.apply(model, params, state, x_pad * 2.0 + 1.0, valid, train=True)[2]
+
+    def predict(params, state, x, mask, train, model=model):
+      return jax.nn.softmax(pg.apply(model, params, state, x, mask, train=train)[1])
+
+    out[variant] = (model, params, state, jax.jit(predict, static_argnums=4))
+  return x, out
+
+
+def _drift(setups, variant, *, train, pads=(2, 4), garbage=GARBAGE):
+  """Largest change of a predicted probability against pad1x with zero padding."""
+  x, models = setups
+  _, params, state, predict = models[variant]
+  ref = predict(params, state, *_padded(x, T, 0.0), train)
+  worst = 0.0
+  for factor in (1,) + pads:
+    for fill in garbage:
+      p = predict(params, state, *_padded(x, factor * T, fill), train)
+      worst = max(worst, float(jnp.max(jnp.abs(p - ref))))
+  return worst
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_fully_masked_predictions_ignore_padding_amount_and_contents(setups, train):
+  assert _drift(setups, "fully_masked", train=train) < 1e-5
+
+
+def test_plain_bn_predictions_move_with_the_padding_amount(setups):
+  # Batch statistics over every position: the padding share changes the normalisation.
+  assert _drift(setups, "plain_bn", train=True, garbage=(0.0,)) > 1e-3
+  # With running statistics BN is one fixed affine map and the frozen carry ignores padded
+  # steps, so inference is invariant (as the experiment measures: eval/drift_pad4x = 0).
+  assert _drift(setups, "plain_bn", train=False, garbage=(0.0,)) < 1e-5
+
+
+def test_running_statistics_see_padding_only_in_plain_bn(setups):
+  x, models = setups
+  means = {}
+  for variant in ("fully_masked", "plain_bn"):
+    model, params, state, _ = models[variant]
+    means[variant] = [pg.apply(model, params, state, *_padded(x, k * T, 0.0), train=True)[2]
+                      ["batch_stats"]["bn"]["mean"] for k in (1, 4)]
+  np.testing.assert_allclose(*means["fully_masked"], atol=1e-6)
+  assert float(jnp.max(jnp.abs(means["plain_bn"][0] - means["plain_bn"][1]))) > 1e-3
+
+
+def test_plain_conv_and_unmasked_read_the_padding(setups):
+  # A plain conv reads the padding's contents (and its own bias written there).
+  assert _drift(setups, "plain_conv", train=False, pads=(), garbage=(1e3,)) > 1e-3
+  # No state mask: the GRU runs through the padded steps.
+  assert _drift(setups, "unmasked", train=False, garbage=(0.0,)) > 1e-3
+
+
+def test_keras_rule_differs_from_lengths_exactly_on_real_zero_steps():
+  seqs = synthetic.drift_recall_sequences(np.random.default_rng(3), 64, max_length=40,
+                                          blackout_prob=0.5, blackout_max=3)
+  explicit = np.asarray(masks.sequence_mask(seqs["lengths"], 40))
+  keras = np.asarray(masks.mask_from_value(seqs["x"]))
+  t = np.arange(40)[None]
+  start, steps = seqs["blackout_start"][:, None], seqs["blackout_steps"][:, None]
+  dark = (t >= start) & (t < start + steps)
+  np.testing.assert_array_equal(explicit & ~keras, dark)  # the only disagreements
+  assert not np.any(keras & ~explicit)  # padding is masked by both
+  rows = np.any(explicit != keras, axis=1)
+  np.testing.assert_array_equal(rows, seqs["blackout_steps"] > 0)
+  assert 0 < rows.sum() < 64
+  # A trailing blackout makes the Keras mask a shorter sequence, not a hole.
+  trailing = seqs["blackout_start"] + seqs["blackout_steps"] == seqs["lengths"]
+  np.testing.assert_array_equal(
+      masks.lengths_from_mask(jnp.asarray(keras))[trailing & rows],
+      (seqs["lengths"] - seqs["blackout_steps"])[trailing & rows])
+
+
+def test_loss_counts_valid_steps_only_when_masked(setups):
+  x, models = setups
+  x_pad, _ = _padded(x, 2 * T, 0.0)
+  labels = np.random.default_rng(2).integers(0, pg.CLASSES, size=(B, 2 * T)).astype(np.int32)
+  batch = {"x": x_pad, "labels": labels, "lengths": LENGTHS}
+  garbage = dict(batch, labels=np.where(np.arange(2 * T)[None] < LENGTHS[:, None], labels, 3))
+  for variant, weight in (("fully_masked", LENGTHS.sum()), ("unmasked", B * 2 * T)):
+    model, params, state, _ = models[variant]
+    loss = jax.jit(lambda p, b, loss=pg.make_loss(model): loss(p, state, b, None, train=False))
+    terms, metrics, _ = loss(params, batch)
+    assert float(terms["xent"][1]) == weight
+    assert float(metrics["acc"][1]) == B
+    changed = float(loss(params, garbage)[0]["xent"][0]) != float(terms["xent"][0])
+    assert changed == (variant == "unmasked")  # padded labels count only when unmasked
+
+
+def test_pad_batch_and_unknown_variant():
+  seqs = synthetic.drift_recall_sequences(np.random.default_rng(0), 3, max_length=10)
+  out = pg.pad_batch(seqs, 16)
+  assert out["x"].shape == (3, 16, 4) and np.all(out["x"][:, 10:] == 0)
+  np.testing.assert_array_equal(out["labels"][:, 10:], np.repeat(seqs["labels"][:, -1:], 6, 1))
+  config = pg.get_config("smoke")
+  config.ablation.variant = "bogus"
+  with pytest.raises(ValueError, match="ablation.variant='bogus'"):
+    pg.build_model(config)
+  with pytest.raises(ValueError, match="unknown preset"):
+    pg.get_config("nope")
+
+
+@pytest.mark.slow
+def test_smoke_trains_checkpoints_resumes(tmp_path):
+  work = str(tmp_path / "w")
+  first = launch(SMOKE, f"--workdir={work}", check=True)
+  assert "eval/acc_pad4x" in first.stdout and "eval/drift_pad4x" in first.stdout
+  assert os.path.isdir(os.path.join(work, "checkpoints", "4"))
+  second = launch(SMOKE, f"--workdir={work}", "--config.train.steps=6", check=True)
+  assert "resumed at step 4" in second.stderr
+  assert os.path.isdir(os.path.join(work, "checkpoints", "6"))
+  with open(os.path.join(work, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
+  final = [r for r in records if "eval/drift_pad4x" in r][-1]
+  assert final["eval/drift_pad4x"] < 1e-5  # the smoke preset is the fully masked variant

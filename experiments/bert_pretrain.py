@@ -17,6 +17,7 @@ Expected (measured, README): held-out masked-token accuracy well above the unigr
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import jax
@@ -124,16 +125,24 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 
 def _tokenizer(config, documents, workdir):
-  """The user's vocab.txt, or WordPiece trained once and cached in the workdir.
+  """The user's vocab.txt, or WordPiece trained once per corpus and reused.
 
-  HF tokenizers' training is not reproducible run to run (tokenizers#1794), so only process 0
-  trains and every process then reads the one cached file.
+  HF tokenizers' WordPiece training is not reproducible run to run, not even single-threaded
+  (tokenizers#1794), so a tokenizer is trained once per (training text, vocab size) and kept in
+  a shared cache ($MASKAX_CACHE, default ~/.cache/maskax): every run of a sweep, every resume
+  and every process then sees the same vocabulary. The workdir keeps a copy as the record.
   """
   if config.data.vocab_file:
     return tokenizer_lib.from_vocab_txt(config.data.vocab_file)
   path = os.path.join(workdir, "tokenizer.json")
-  if jax.process_index() == 0:
-    tokenizer_lib.load_or_train(path, documents, config.data.vocab_size)
+  text = "\n\n".join("\n".join(doc) for doc in documents)
+  key = hashlib.sha256(f"{config.data.vocab_size}\n{text}".encode()).hexdigest()[:16]
+  cache_dir = os.environ.get("MASKAX_CACHE", os.path.expanduser("~/.cache/maskax"))
+  cached = os.path.join(cache_dir, "tokenizers", f"wordpiece-{key}.json")
+  if jax.process_index() == 0 and not os.path.exists(path):
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    tok = tokenizer_lib.load_or_train(cached, documents, config.data.vocab_size)
+    tok.save(path)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("tokenizer written")

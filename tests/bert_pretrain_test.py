@@ -68,6 +68,15 @@ def test_batch_without_any_mask_gives_zero_mlm_and_finite_grads(setup):
   assert np.all(grads["mlm"]["output_bias"] == 0)
 
 
+def test_runs_on_the_same_data_share_one_tokenizer(setup, tmp_path):
+  # WordPiece training is not reproducible (tokenizers#1794): a second workdir must reuse the
+  # first one's vocabulary through the shared cache, or a sweep would compare different vocabs.
+  config, tok, _, _, _ = setup
+  other, _, _ = bert_pretrain.build_data(config, str(tmp_path))
+  assert [other.id_to_token(i) for i in range(other.vocab_size)] == \
+      [tok.id_to_token(i) for i in range(tok.vocab_size)]
+
+
 def test_unknown_reduction_is_a_clear_error(setup):
   with pytest.raises(ValueError, match="loss.mlm_reduction='mean'"):
     _loss(setup, "mean")

@@ -240,7 +240,7 @@ def test_smoke_trains_checkpoints_the_carry_resumes_and_generates(tmp_path):
   assert os.path.isdir(os.path.join(ckpt, "9"))
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert records[-1]["step"] == 9
-  gen = launch(SMOKE, f"--workdir={workdir}", "--config.mode=generate",
+  gen = launch(SMOKE, f"--workdir={workdir}", "--config.train.steps=9", "--config.mode=generate",
                "--config.prompt=The |import os", "--config.length=30", "--config.top_k=5",
                check=True)
   assert "--- sample 0" in gen.stdout and "--- sample 1" in gen.stdout

@@ -9,6 +9,11 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
+import tempfile  # noqa: E402
+
+# Shared caches (the WordPiece tokenizer) go to a throwaway folder, not the user's ~/.cache.
+os.environ.setdefault("MASKAX_CACHE", tempfile.mkdtemp(prefix="maskax-test-cache-"))
+
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from experiments import common
 from maskax import losses, train
 from maskax.data import corpus, tokenizer as tokenizer_lib
 from maskax.data.batching import BertBatches
@@ -72,7 +73,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.dropout = 0.1
   c.loss = ml_collections.ConfigDict()
   c.loss.mlm_reduction = "masked"  # one of MLM_REDUCTIONS (the ablation)
-  c.train = ml_collections.ConfigDict()
+  c.train = common.train_config()  # + the loop's shared defaults (experiments/common.py)
   c.train.steps = 600
   c.train.batch_size = 32  # global
   c.train.learning_rate = 1e-3  # peak, after linear warmup; then linear decay to 0
@@ -82,11 +83,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.log_every = 50
   c.train.eval_every = 200
   c.train.checkpoint_every = 200
-  c.train.keep_checkpoints = 2
-  c.train.grad_accum_steps = 1
-  c.train.on_nonfinite = "stop"
-  c.train.max_nonfinite_steps = 1
-  c.train.async_checkpoints = True
   if arg == "ablation":
     # 200 steps: the two all-position modes run the vocab projection on all B*T positions and
     # are ~4x slower per step on a CPU than the gathered head.

@@ -39,6 +39,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from experiments import common
 from maskax import checkpoint as ckpt_lib
 from maskax import losses, progress, sharding, train
 from maskax.data import chars, corpus
@@ -90,7 +91,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.num_layers = 1
   c.model.cell = "gru"  # gru | lstm
   c.model.dropout_rate = 0.0  # between stacked layers
-  c.train = ml_collections.ConfigDict()
+  c.train = common.train_config()  # + the loop's shared defaults (experiments/common.py)
   c.train.mode = "stateless"  # one of MODES; stateful_shuffled reproduces the TF-tutorial bug
   c.train.steps = 0  # 0: tokens_budget // (batch_size * data.seq_len)
   c.train.tokens_budget = 1_600_000  # characters seen when steps == 0 (equal across seq_len)
@@ -102,11 +103,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.log_every = 25
   c.train.eval_every = 0  # used when steps > 0 (0 = at the end only)
   c.train.checkpoint_every = 250
-  c.train.keep_checkpoints = 2
-  c.train.grad_accum_steps = 1  # stateless only: a stateful carry spans the whole batch
-  c.train.on_nonfinite = "stop"
-  c.train.max_nonfinite_steps = 1
-  c.train.async_checkpoints = True
   if arg == "ablation":
     c.train.tokens_budget = 1_638_400  # 2,048 / 512 / 128 steps at seq_len 25 / 100 / 400
     c.train.eval_tokens = 819_200

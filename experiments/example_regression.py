@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from experiments import common
 from maskax import losses, masks, train
 from maskax.data import iterators
 
@@ -46,18 +47,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.hidden = 128  # MLP width
   c.loss = ml_collections.ConfigDict()
   c.loss.mode = "token_mean"  # token_mean | sequence_mean | batch_mean | full_mean
-  c.train = ml_collections.ConfigDict()
+  c.train = common.train_config()  # + the loop's shared defaults (experiments/common.py)
   c.train.steps = 600
   c.train.batch_size = 32  # global batch, split over devices and processes
   c.train.learning_rate = 3e-3
   c.train.log_every = 50
   c.train.eval_every = 200
   c.train.checkpoint_every = 200
-  c.train.keep_checkpoints = 2
-  c.train.grad_accum_steps = 1
-  c.train.on_nonfinite = "stop"  # stop | skip
-  c.train.max_nonfinite_steps = 1
-  c.train.async_checkpoints = True
   c.debug = ml_collections.ConfigDict()
   c.debug.inject_nonfinite_at_step = 0  # >0: put an inf into that step's valid inputs (tests)
   c.debug.step_delay_s = 0.0  # >0: sleep in the data pipeline (tests that kill mid-run)

@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from experiments import common
 from maskax import losses, metrics, progress, sampling, sharding, train
 from maskax.data import iterators, segmentation
 from maskax.models.fcn import FCN, FCNConfig
@@ -80,7 +81,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.loss.sample_cell = 1  # loss_sampling: side in pixels of a cell kept or dropped together
   c.loss.class_weighting = "median"  # class_weighted: median | inverse frequency weights
   c.loss.background_keep_prob = 0.25  # class_sampled: keep prob. of background cells
-  c.train = ml_collections.ConfigDict()
+  c.train = common.train_config()  # + the loop's shared defaults (experiments/common.py)
   c.train.mode = "full"  # full | loss_sampling[_pP] | patchwise | class_weighted | class_sampled
   c.train.raise_batch = True  # sampling modes: batch x 1/p (patchwise: x H*W/crop**2), §4.3
   c.train.steps = 400
@@ -89,11 +90,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.log_every = 25
   c.train.eval_every = 50
   c.train.checkpoint_every = 200
-  c.train.keep_checkpoints = 2
-  c.train.grad_accum_steps = 1
-  c.train.on_nonfinite = "stop"  # stop | skip
-  c.train.max_nonfinite_steps = 1
-  c.train.async_checkpoints = True
   c.viz = ml_collections.ConfigDict()
   c.viz.num_images = 6  # held-out images in predictions.png (0: no grid)
   if arg == "smoke":

@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from experiments import common
 from maskax import sharding, train
 from maskax.data import iterators, synthetic
 from maskax.models import timeseries
@@ -70,18 +71,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.cell = "gru"  # gru | lstm
   c.model.hidden = 32  # D
   c.model.freeze_missing_steps = True  # a step with nothing observed leaves the carry unchanged
-  c.train = ml_collections.ConfigDict()
+  c.train = common.train_config()  # + the loop's shared defaults (experiments/common.py)
   c.train.steps = 1500
   c.train.batch_size = 32
   c.train.learning_rate = 3e-3  # Adam
   c.train.log_every = 50
   c.train.eval_every = 500
   c.train.checkpoint_every = 500
-  c.train.keep_checkpoints = 2
-  c.train.grad_accum_steps = 1
-  c.train.on_nonfinite = "stop"  # stop | skip
-  c.train.max_nonfinite_steps = 1
-  c.train.async_checkpoints = True
   if arg == "smoke":
     c.data.steps = 12
     c.data.eval_size = 16

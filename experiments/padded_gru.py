@@ -38,6 +38,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from experiments import common
 from maskax import layers, losses, masks, sharding, train
 from maskax.data import iterators, synthetic
 from maskax.scan import PaddedRNN, bucket_boundaries, bucket_for
@@ -100,18 +101,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.output_policy = "zero"  # GRU outputs at masked steps: zero | carry_forward
   c.ablation = ml_collections.ConfigDict()
   c.ablation.variant = "fully_masked"  # a key of VARIANTS (module docstring)
-  c.train = ml_collections.ConfigDict()
+  c.train = common.train_config()  # + the loop's shared defaults (experiments/common.py)
   c.train.steps = 500
   c.train.batch_size = 32  # global batch
   c.train.learning_rate = 3e-3  # Adam
   c.train.log_every = 50
   c.train.eval_every = 100
   c.train.checkpoint_every = 250
-  c.train.keep_checkpoints = 2
-  c.train.grad_accum_steps = 1
-  c.train.on_nonfinite = "stop"  # stop | skip
-  c.train.max_nonfinite_steps = 1
-  c.train.async_checkpoints = True
   if arg == "smoke":
     c.data.max_length = 24
     c.data.num_buckets = 1  # one compiled shape per padding factor

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from experiments import common
 from maskax import decoding, scan, train
 from maskax.data import iterators, translation
 from maskax.models import seq2seq
@@ -82,7 +83,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.decode.log_examples = 3  # held-out translations written to the log at each evaluation
   c.report = ml_collections.ConfigDict()
   c.report.train_memory = False  # compile the gradient once more to report its temp memory
-  c.train = ml_collections.ConfigDict()
+  c.train = common.train_config()  # + the loop's shared defaults (experiments/common.py)
   c.train.steps = 1500
   c.train.batch_size = 64  # global
   c.train.learning_rate = 3e-3  # Adam
@@ -90,11 +91,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.log_every = 100
   c.train.eval_every = 500
   c.train.checkpoint_every = 500
-  c.train.keep_checkpoints = 2
-  c.train.grad_accum_steps = 1
-  c.train.on_nonfinite = "stop"
-  c.train.max_nonfinite_steps = 1
-  c.train.async_checkpoints = True
   if arg == "cells":
     c.train.steps = 400
     c.train.log_every = 50

@@ -1,0 +1,18 @@
+"""Config defaults shared by every experiment: the training loop's safety and bookkeeping knobs.
+
+Not an experiment (launch.py lists experiments from its own table). Each experiment still sets
+its own steps, batch size, learning rate and log/eval/checkpoint intervals in `get_config`.
+"""
+
+import ml_collections
+
+
+def train_config() -> ml_collections.ConfigDict:
+  """`config.train` pre-filled with the loop fields that no experiment changes by default."""
+  t = ml_collections.ConfigDict()
+  t.keep_checkpoints = 2  # newest checkpoints kept in WORKDIR/checkpoints
+  t.grad_accum_steps = 1  # micro-batches per step (exact for every normalisation)
+  t.on_nonfinite = "stop"  # stop | skip: what a non-finite loss or gradient does
+  t.max_nonfinite_steps = 1  # with 'stop': how many skipped steps end the run
+  t.async_checkpoints = True  # write checkpoints while training goes on
+  return t

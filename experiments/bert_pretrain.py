@@ -43,8 +43,8 @@ PRESETS = {
 # The learning-rate schedule decays to 0 at train.steps: extending a run would change it.
 RESUME_PINNED_KEYS = ("train.steps",)
 MLM_REDUCTIONS = ("masked", "masked_sum_over_nonpad", "all_nonpad_tokens", "all_tokens")
-REPORT_METRICS = ("eval/mlm_accuracy", "eval/mlm_masked_loss", "eval/nsp_accuracy",
-                  "steps_per_s", "tokens_per_s")
+REPORT_METRICS = ("eval/mlm_accuracy", "eval/mlm_accuracy_mask_slots", "eval/mlm_masked_loss",
+                  "eval/nsp_accuracy", "steps_per_s", "tokens_per_s")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -182,7 +182,24 @@ def unigram_baseline(train_data: BertBatches, eval_batches, vocab_size: int) -> 
           "unigram_loss": float(-np.mean(np.log(probs[ids])))}
 
 
-def make_loss(model, config):
+def slot_accuracies(logits, batch, mask_id: int) -> dict:
+  """Masked-LM accuracy split by what the input showed at each prediction slot.
+
+  80% of slots show [MASK], 10% a random token and 10% the original token. A model that learns
+  to copy its input scores on the last kind for free, so `mask_slots` is the honest measure of
+  prediction from context. logits: f32[B, P, V] at the slots; returns {name: (total, weight)}.
+  """
+  ids, weights = batch["masked_lm_ids"], batch["masked_lm_weights"]
+  shown = bert.gather_positions(batch["input_ids"][..., None], batch["masked_lm_positions"])[..., 0]
+  kinds = {"mask_slots": shown == mask_id, "kept_slots": shown == ids}
+  kinds["random_slots"] = ~(kinds["mask_slots"] | kinds["kept_slots"])
+  return {f"mlm_accuracy_{name}": losses.masked_accuracy(logits, ids, kind & (weights > 0),
+                                                         weights=weights)
+          for name, kind in kinds.items()}
+
+
+def make_loss(model, config, mask_id: int):
+  """The task's loss: MLM (reduced by `loss.mlm_reduction`) + NSP, and the metrics."""
   mode = config.loss.mlm_reduction
   if mode not in MLM_REDUCTIONS:
     raise ValueError(f"loss.mlm_reduction={mode!r}; choose one of {', '.join(MLM_REDUCTIONS)}.")
@@ -211,20 +228,34 @@ def make_loss(model, config):
     terms = {"mlm": mlm, "nsp": losses.nsp_loss(out["nsp_logits"], nsp_labels)}
     metrics = {"mlm_masked_loss": masked,
                "mlm_accuracy": losses.mlm_accuracy(gathered, ids, weights),
+               **slot_accuracies(gathered, batch, mask_id),
                "nsp_accuracy": losses.masked_accuracy(out["nsp_logits"], nsp_labels, every)}
     return terms, metrics, model_state
 
   return loss
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  tok, train_data, eval_batches = build_data(config, workdir)
-  model_config = bert.BertConfig.preset(
-      config.model.size, tok.vocab_size, max_position=max(config.data.seq_len, 512),
+def make_model(config, vocab_size: int) -> bert.Bert:
+  return bert.Bert(bert.BertConfig.preset(
+      config.model.size, vocab_size, max_position=max(config.data.seq_len, 512),
       dropout=config.model.dropout, attention_dropout=config.model.dropout,
-      dtype=jnp.dtype(config.model.dtype))
-  model = bert.Bert(model_config)
-  B, T, P = config.train.batch_size, config.data.seq_len, config.data.max_predictions
+      dtype=jnp.dtype(config.model.dtype)))
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """AdamW with linear warmup to train.learning_rate, linear decay to 0 at train.steps."""
+  t = config.train
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps),
+       optax.linear_schedule(t.learning_rate, 0.0, max(t.steps - t.warmup_steps, 1))],
+      [t.warmup_steps])
+  return optax.chain(optax.clip_by_global_norm(t.grad_clip),
+                     optax.adamw(schedule, weight_decay=t.weight_decay))
+
+
+def init_fn(model, config):
+  """key -> (params, {}) for the task."""
+  T, P = config.data.seq_len, config.data.max_predictions
 
   def init(key):
     zeros = jnp.zeros((1, T), jnp.int32)
@@ -232,20 +263,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                            train=False)
     return variables["params"], {}
 
-  schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, config.train.learning_rate, config.train.warmup_steps),
-       optax.linear_schedule(config.train.learning_rate, 0.0,
-                             max(config.train.steps - config.train.warmup_steps, 1))],
-      [config.train.warmup_steps])
-  optimizer = optax.chain(
-      optax.clip_by_global_norm(config.train.grad_clip),
-      optax.adamw(schedule, weight_decay=config.train.weight_decay))
+  return init
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  tok, train_data, eval_batches = build_data(config, workdir)
+  model = make_model(config, tok.vocab_size)
   baseline = unigram_baseline(train_data, eval_batches, tok.vocab_size)
-  task = train.Task(init=init, loss=make_loss(model, config), optimizer=optimizer,
-                    train_data=train_data, eval_data=lambda: eval_batches,
-                    extra_eval=lambda state: baseline)
+  task = train.Task(init=init_fn(model, config), loss=make_loss(model, config, tok.mask_id),
+                    optimizer=make_optimizer(config), train_data=train_data,
+                    eval_data=lambda: eval_batches, extra_eval=lambda state: baseline)
   _, final = train.train(task, train.LoopOptions.from_config(config.train), workdir,
                          seed=config.seed)
+  B, T = config.train.batch_size, config.data.seq_len
   final["tokens_per_s"] = final.get("steps_per_s", 0.0) * B * T
-  final["params"] = float(bert.param_count(model_config))
+  final["params"] = float(bert.param_count(model.config))
   return final

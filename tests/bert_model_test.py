@@ -242,3 +242,26 @@ def test_unknown_head_mode_raises(params, batch):
     with pytest.raises(ValueError, match="mlm_head"):
         bert.Bert(CFG).apply({"params": params}, b["ids"], b["segs"], b["mask"], b["positions"],
                              train=False, mlm_head="sampled")
+
+
+@pytest.mark.parametrize("mlm_head", bert.HEAD_MODES)
+def test_train_flops_formula_matches_xla_forward_count(mlm_head):
+  # MFU in benchmarks/bert_step_bench.py divides by this count: XLA's own FLOP count of the
+  # forward pass (all ops) must be within a few percent of a third of it.
+  config = bert.BertConfig(vocab_size=2000, hidden=256, num_layers=2, num_heads=4,
+                           intermediate=1024, dropout=0.0, attention_dropout=0.0)
+  model, (b, t, p) = bert.Bert(config), (4, 64, 10)
+  ids, mask = jnp.ones((b, t), jnp.int32), jnp.ones((b, t), bool)
+  positions = jnp.zeros((b, p), jnp.int32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, ids, mask, positions,
+                                                train=False))
+
+  def forward(params):
+    out = model.apply({"params": params}, ids, ids, mask, positions, train=False,
+                      mlm_head=mlm_head)
+    return out["mlm_logits"].sum() + out["nsp_logits"].sum()
+
+  cost = jax.jit(forward).lower(variables["params"]).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  expected = bert.train_flops_per_sequence(config, t, p, mlm_head) * b / 3
+  assert cost["flops"] == pytest.approx(expected, rel=0.05)

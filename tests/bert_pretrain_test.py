@@ -27,10 +27,10 @@ def setup(tmp_path_factory):
 
 
 def _loss(setup, reduction, batch=None):
-  config, _, model, params, default_batch = setup
+  config, tok, model, params, default_batch = setup
   with config.unlocked():
     config.loss.mlm_reduction = reduction
-  loss_fn = bert_pretrain.make_loss(model, config)
+  loss_fn = bert_pretrain.make_loss(model, config, tok.mask_id)
   return loss_fn(params, {}, default_batch if batch is None else batch,
                  jax.random.PRNGKey(1), train=False)
 
@@ -51,11 +51,12 @@ def test_reductions_share_the_numerator_or_not_as_named(setup):
 
 
 def test_batch_without_any_mask_gives_zero_mlm_and_finite_grads(setup):
-  config, _, model, params, batch = setup
+  config, tok, model, params, batch = setup
   empty = dict(batch, masked_lm_weights=jnp.zeros_like(batch["masked_lm_weights"]))
   terms, metrics, _ = _loss(setup, "masked", empty)
   assert terms["mlm"] == (0.0, 0.0)
-  loss_fn = bert_pretrain.make_loss(model, config)
+  assert metrics["mlm_accuracy_mask_slots"] == (0.0, 0.0)
+  loss_fn = bert_pretrain.make_loss(model, config, tok.mask_id)
 
   def objective(p):
     terms, _, _ = loss_fn(p, {}, empty, jax.random.PRNGKey(1), train=False)
@@ -66,6 +67,22 @@ def test_batch_without_any_mask_gives_zero_mlm_and_finite_grads(setup):
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
   # Only NSP trains the MLM head's output bias when nothing is masked: its gradient is zero.
   assert np.all(grads["mlm"]["output_bias"] == 0)
+
+
+def test_slot_accuracies_separate_copying_from_prediction(setup):
+  # A model that copies its input token scores 1 on kept slots and 0 on [MASK] and random
+  # slots: the split must show exactly that, and the three kinds partition the real slots.
+  _, tok, _, _, batch = setup
+  shown = jnp.take_along_axis(batch["input_ids"], batch["masked_lm_positions"], axis=1)
+  copy_logits = jax.nn.one_hot(shown, tok.vocab_size)
+  acc = bert_pretrain.slot_accuracies(copy_logits, batch, tok.mask_id)
+  real = batch["masked_lm_weights"] > 0
+  np.testing.assert_allclose(acc["mlm_accuracy_mask_slots"][1],
+                             np.sum(real & (shown == tok.mask_id)))
+  assert acc["mlm_accuracy_mask_slots"][1] > 0 and acc["mlm_accuracy_kept_slots"][1] > 0
+  assert acc["mlm_accuracy_mask_slots"][0] == 0 and acc["mlm_accuracy_random_slots"][0] == 0
+  assert acc["mlm_accuracy_kept_slots"][0] == acc["mlm_accuracy_kept_slots"][1]
+  assert sum(w for _, w in acc.values()) == np.sum(batch["masked_lm_weights"])
 
 
 def test_runs_on_the_same_data_share_one_tokenizer(setup, tmp_path):

@@ -246,3 +246,19 @@ def param_count(config: BertConfig) -> int:
     layer = 4 * (d * d + d) + 2 * d + (d * i + i) + (i * d + d) + 2 * d
     heads = (d * d + d) + (2 * d + 2) + (d * d + d + 2 * d + v)  # pooler, NSP, MLM
     return embeddings + config.num_layers * layer + heads
+
+
+def train_flops_per_sequence(config: BertConfig, seq_len: int, predictions: int,
+                             mlm_head: str = "gathered") -> int:
+    """Matmul FLOPs of one training step (forward + backward = 3x forward) per sequence.
+
+    Counts the dense layers, the two attention products (scores and weighted values, T^2 D each
+    per layer) and the MLM head on `predictions` slots (`gathered`) or all `seq_len` positions
+    (`full`); embeddings lookups, softmax, LayerNorm and the pooler/NSP head are left out (<1%
+    for BERT-base). This is the "model FLOPs" of MFU: work the model needs, not work XLA did.
+    """
+    d, i, v, t = config.hidden, config.intermediate, config.vocab_size, seq_len
+    per_layer = 2 * t * (4 * d * d + 2 * d * i) + 2 * 2 * t * t * d
+    head_rows = predictions if mlm_head == "gathered" else t
+    head = 2 * head_rows * (d * d + d * v)
+    return 3 * (config.num_layers * per_layer + head)

@@ -1,0 +1,153 @@
+"""BERT pretraining step throughput and MFU: the experiment's real train step on random batches.
+
+Times `maskax.train_step.make_train_step` (forward, backward, clipping, AdamW, the non-finite
+guard) on the BERT task of experiments/bert_pretrain.py, for each (compute dtype, MLM head)
+row, with random token ids and a padded input mask (lengths uniform in [T/2, T]) so no
+tokenizer or corpus is needed. Per row: median step time over `--windows` windows of
+`--steps` steps each (after compile and one warm-up step), tokens/s (padded B*T), the matmul
+"model FLOPs" of `bert.train_flops_per_sequence`, MFU against the peak given by
+`--peak_tflops` (a datasheet number) and against a large matmul measured in the same run, and
+the temporary memory of the compiled step (XLA's memory analysis). Ratios between rows come
+from one run.
+
+    python benchmarks/bert_step_bench.py --quick                 # seconds on a CPU (smoke size)
+    python benchmarks/bert_step_bench.py --peak_tflops=989       # BERT-base, B=256, T=128 (GPU)
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/
+from experiments import bert_pretrain  # noqa: E402
+from maskax import sharding, train, train_step
+from maskax.data import tokenizer as tokenizer_lib
+from maskax.models import bert
+
+MASK_ID = tokenizer_lib.SPECIAL_TOKENS.index(tokenizer_lib.MASK)  # as in tokenizers trained here
+
+
+def random_batch(batch, seq_len, preds, vocab, seed=0):
+  """A BertBatches-shaped batch: lengths in [T/2, T], P sorted slots inside each length."""
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(seq_len // 2, seq_len + 1, batch)
+  mask = np.arange(seq_len)[None] < lengths[:, None]
+  ids = np.where(mask, rng.integers(5, vocab, (batch, seq_len)), 0)
+  positions = np.sort(np.stack([rng.choice(n, preds, replace=False) for n in lengths]), axis=1)
+  return {
+      "input_ids": ids, "original_ids": ids, "input_mask": mask,
+      "segment_ids": (np.arange(seq_len)[None] >= lengths[:, None] // 2) & mask,
+      "masked_lm_positions": positions,
+      "masked_lm_ids": np.take_along_axis(ids, positions, 1),
+      "masked_lm_weights": np.ones((batch, preds), np.float32),
+      "next_sentence_labels": rng.integers(0, 2, batch),
+  }
+
+
+def matmul_tflops(dtype, size, repeats=10):
+  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype)
+  f = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(f(a))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(f(a))
+    times.append(time.perf_counter() - start)
+  return 2 * size**3 / statistics.median(times) / 1e12
+
+
+def bench_row(config, batch_np, dtype, head, steps, windows):
+  with config.unlocked():
+    config.model.dtype, config.model.mlm_head = dtype, head
+  model = bert_pretrain.make_model(config, config.data.vocab_size)
+  task = train.Task(init=bert_pretrain.init_fn(model, config),
+                    loss=bert_pretrain.make_loss(model, config, mask_id=MASK_ID),
+                    optimizer=bert_pretrain.make_optimizer(config), train_data=None)
+  mesh = sharding.make_mesh()
+
+  def init_state(key):
+    params, model_state = task.init(key)
+    return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                            opt_state=task.optimizer.init(params), model_state=model_state,
+                            key=key)
+
+  state = jax.jit(init_state, out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(0))
+  step = train_step.make_train_step(task, train.LoopOptions.from_config(config.train), mesh)
+  batch = sharding.shard_batch(batch_np, mesh)
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  # Temporaries of the whole step (activations kept for backward, logits, workspaces): what the
+  # MLM head and the compute dtype change. Arguments (state, batch) are the same for every row.
+  temp_bytes = compiled.memory_analysis().temp_size_in_bytes
+  state, out = step(state, batch)
+  jax.block_until_ready(out)
+  state, out = step(state, batch)  # warm-up
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(windows):
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, out = step(state, batch)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / steps)
+  loss = float(out["sums"]["loss"][0])
+  return statistics.median(times), compile_s, loss, temp_bytes
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="smoke model, B=8, T=32: seconds")
+  parser.add_argument("--size", default="base", choices=["smoke", "tiny", "mini", "base"])
+  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--seq_len", type=int, default=128)
+  parser.add_argument("--vocab", type=int, default=30522)
+  parser.add_argument("--rows", default="bfloat16:gathered,float32:gathered,bfloat16:full",
+                      help="comma-separated dtype:head rows")
+  parser.add_argument("--steps", type=int, default=10, help="steps per timed window")
+  parser.add_argument("--windows", type=int, default=3)
+  parser.add_argument("--peak_tflops", type=float, default=0.0,
+                      help="datasheet dense peak for MFU (e.g. 989 for H100/H200 SXM bf16)")
+  args = parser.parse_args()
+  if args.quick:
+    args.size, args.batch, args.seq_len, args.vocab, args.steps = "smoke", 8, 32, 1000, 3
+  config = bert_pretrain.get_config("base")
+  with config.unlocked():
+    config.model.size, config.data.vocab_size = args.size, args.vocab
+    config.data.seq_len, config.train.batch_size = args.seq_len, args.batch
+    # Slots are drawn inside each sequence's length (at least T/2).
+    config.data.max_predictions = min(config.data.max_predictions, args.seq_len // 2)
+  preds = config.data.max_predictions
+  batch = random_batch(args.batch, args.seq_len, preds, args.vocab)
+  device = jax.devices()[0]
+  on_gpu = device.platform == "gpu"
+  peak_dtype = jnp.bfloat16 if on_gpu else jnp.float32
+  measured = matmul_tflops(peak_dtype, 8192 if on_gpu else 1024)
+  print(f"device: {device.device_kind} x{jax.device_count()}, jax {jax.__version__}; "
+        f"BERT-{args.size} B={args.batch} T={args.seq_len} P={preds} V={args.vocab}")
+  print(f"measured {jnp.dtype(peak_dtype).name} matmul peak: {measured:.1f} TFLOP/s"
+        + (f"; datasheet peak {args.peak_tflops:.0f} TFLOP/s" if args.peak_tflops else ""))
+  print("\n| dtype | MLM head | ms/step | tokens/s | model TFLOP/s | MFU (measured peak) "
+        "| MFU (datasheet) | XLA temp memory | compile s | loss |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for row in args.rows.split(","):
+    dtype, head = row.split(":")
+    model_config = bert_pretrain.make_model(config, args.vocab).config
+    flops = bert.train_flops_per_sequence(model_config, args.seq_len, preds, head) * args.batch
+    sec, compile_s, loss, temp_bytes = bench_row(config, batch, dtype, head, args.steps,
+                                               args.windows)
+    tflops = flops / sec / 1e12
+    datasheet = f"{100 * tflops / args.peak_tflops:.1f}%" if args.peak_tflops else "-"
+    print(f"| {dtype} | {head} | {1e3 * sec:.1f} | {args.batch * args.seq_len / sec:,.0f} "
+          f"| {tflops:.3g} | {100 * tflops / measured:.1f}% | {datasheet} | {temp_bytes / 2**20:,.0f} MiB "
+          f"| {compile_s:.1f} | {loss:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()

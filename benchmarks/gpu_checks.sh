@@ -34,14 +34,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2
 $PY -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax',
 flax.__version__, 'optax', optax.__version__, jax.devices())"
 
-step bert_step 170 $PY benchmarks/bert_step_bench.py "${bench[@]}"
-step bert_base 150 $PY launch.py --config="experiments/bert_pretrain.py:$base" \
+step bert_step 160 $PY benchmarks/bert_step_bench.py "${bench[@]}"
+step bert_base 140 $PY launch.py --config="experiments/bert_pretrain.py:$base" \
   --config.train.steps=$steps --config.train.log_every=50 --workdir="$WORK/bert_base"
 grep -E "step +[0-9]+/" "$OUT/bert_base.log" | tail -n 4
-step ablation 190 $PY launch.py --config=experiments/bert_pretrain.py:ablation \
+step ablation 180 $PY launch.py --config=experiments/bert_pretrain.py:ablation \
   --config.train.steps=$abl_steps --config.train.eval_every=$eval_every \
   --config.train.checkpoint_every=100000 --workdir="$WORK/ablation" \
   --sweep=loss.mlm_reduction=masked,masked_sum_over_nonpad,all_nonpad_tokens,all_tokens
-cp "$WORK"/ablation/results.* "$OUT"/ 2>/dev/null
+cp "$WORK"/ablation/results.md "$WORK"/ablation/results.png "$OUT"/ 2>/dev/null
 step scan_bench 60 $PY benchmarks/scan_bench.py "${scan[@]}"
 step mlm_head_bench 30 $PY benchmarks/mlm_head_bench.py "${head[@]}"

@@ -33,7 +33,7 @@ _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 _RULE_LINE = re.compile(r"^\s*([*=\-~^_#+])\1{2,}\s*$")
 _HOW_TO_FIX = (
     "pass a UTF-8 text file (documents separated by blank lines), a folder of *.txt files "
-    "(one document per file), or path=None for the embedded corpus"
+    "(one document per file), or no path (`--config.data.path=''`) for the embedded corpus"
 )
 
 

@@ -112,13 +112,18 @@ def main():
                       help="comma-separated dtype:head rows")
   parser.add_argument("--steps", type=int, default=10, help="steps per timed window")
   parser.add_argument("--windows", type=int, default=3)
+  parser.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout")
+  parser.add_argument("--prng_impl", default="", help="jax_default_prng_impl, e.g. rbg")
   parser.add_argument("--peak_tflops", type=float, default=0.0,
                       help="datasheet dense peak for MFU (e.g. 989 for H100/H200 SXM bf16)")
   args = parser.parse_args()
   if args.quick:
     args.size, args.batch, args.seq_len, args.vocab, args.steps = "smoke", 8, 32, 1000, 3
+  if args.prng_impl:
+    jax.config.update("jax_default_prng_impl", args.prng_impl)
   config = bert_pretrain.get_config("base")
   with config.unlocked():
+    config.model.dropout = args.dropout
     config.model.size, config.data.vocab_size = args.size, args.vocab
     config.data.seq_len, config.train.batch_size = args.seq_len, args.batch
     # Slots are drawn inside each sequence's length (at least T/2).
@@ -130,7 +135,8 @@ def main():
   peak_dtype = jnp.bfloat16 if on_gpu else jnp.float32
   measured = matmul_tflops(peak_dtype, 8192 if on_gpu else 1024)
   print(f"device: {device.device_kind} x{jax.device_count()}, jax {jax.__version__}; "
-        f"BERT-{args.size} B={args.batch} T={args.seq_len} P={preds} V={args.vocab}")
+        f"BERT-{args.size} B={args.batch} T={args.seq_len} P={preds} V={args.vocab}, "
+        f"dropout {args.dropout}, PRNG {jax.config.jax_default_prng_impl}")
   print(f"measured {jnp.dtype(peak_dtype).name} matmul peak: {measured:.1f} TFLOP/s"
         + (f"; datasheet peak {args.peak_tflops:.0f} TFLOP/s" if args.peak_tflops else ""))
   print("\n| dtype | MLM head | ms/step | tokens/s | model TFLOP/s | MFU (measured peak) "

@@ -205,7 +205,8 @@ def add_bias(y, b):
     return y + b.reshape((1,) * (y.ndim - 1) + b.shape)
 
 
-def _keep(valid_B, new, old):
+def keep_valid(valid_B, new, old):
+    """new where valid_B[b] else old, per row b of every leaf of a carry (frozen carry)."""
     return jax.tree_util.tree_map(lambda n, o: jnp.where(valid_B[:, None], n, o), new, old)
 
 
@@ -220,146 +221,8 @@ def recur_autodiff(cell: str, w_h, b_h, gi_TBG, valid_TB, carry0, *, reverse: bo
     def step(carry, inputs):
         gi, valid = inputs
         new = gates(gi, add_bias(hidden_state(cell, carry) @ w_h, b_h), carry)
-        carry = _keep(valid, new, carry)
+        carry = keep_valid(valid, new, carry)
         return carry, hidden_state(cell, carry)
 
     final, h_TBD = lax.scan(step, carry0, (gi_TBG, valid_TB), reverse=reverse)
     return h_TBD, final
-
-
-def _segments(lengths_B, chunk: int, reverse: bool):
-    """(rows, first step, end step) per active-row count, in processing order.
-
-    With rows sorted by descending length, during steps [len[j*chunk], len[(j-1)*chunk]) only
-    the first j chunks hold a row that is still running.
-    """
-    batch = lengths_B.shape[0]
-    segments = []
-    for j in range(-(-batch // chunk), 0, -1):
-        start = lengths_B[j * chunk] if j * chunk < batch else jnp.zeros((), lengths_B.dtype)
-        segments.append((min(j * chunk, batch), start, lengths_B[(j - 1) * chunk]))
-    return segments[::-1] if reverse else segments
-
-
-def _at(tree, t, rows):
-    """Rows [:rows] of step t of every [B, T, ...] leaf."""
-    return jax.tree_util.tree_map(lambda a: lax.dynamic_index_in_dim(a[:rows], t, 1, False), tree)
-
-
-def _put(tree, t, values):
-    """Writes values into rows [:R] of step t of every [B, T, ...] leaf (in place in a loop)."""
-    return jax.tree_util.tree_map(
-        lambda a, v: lax.dynamic_update_slice(a, v[:, None], (0, t) + (0,) * (a.ndim - 2)),
-        tree,
-        values,
-    )
-
-
-def _rows(tree, stop):
-    return jax.tree_util.tree_map(lambda a: a[:stop], tree)
-
-
-def _put_rows(tree, values):
-    return jax.tree_util.tree_map(
-        lambda a, v: lax.dynamic_update_slice(a, v, (0,) * a.ndim), tree, values
-    )
-
-
-def _loop(segment, reverse, body, state):
-    rows, start, end = segment
-    step = (lambda i: end - 1 - i) if reverse else (lambda i: start + i)
-    return lax.fori_loop(0, end - start, lambda i, s: body(rows, step(i), s), state)
-
-
-def _safe_x(x_BTF, valid_BT, t, rows):
-    """x at step t with invalid entries replaced by 0, so NaN/inf there never reach the cell."""
-    valid = _at(valid_BT, t, rows)
-    return jnp.where(valid[:, None], _at(x_BTF, t, rows), 0.0), valid
-
-
-def _skip_fwd(cell, chunk, reverse, params, x_BTF, valid_BT, carry0, lengths_B):
-    (batch, steps, _), hidden = x_BTF.shape, params["w_h"].shape[0]
-
-    def body(rows, t, state):
-        carry, hist, acts_BTA = state
-        head = _rows(carry, rows)
-        x, valid = _safe_x(x_BTF, valid_BT, t, rows)
-        gi = add_bias(x @ params["w_i"], params["b_i"])
-        gh = add_bias(hidden_state(cell, head) @ params["w_h"], params["b_h"])
-        new, acts = FORWARD[cell](gi, gh, head)
-        head = _keep(valid, new, head)
-        return _put_rows(carry, head), _put(hist, t, head), _put(acts_BTA, t, acts)
-
-    acts_width = (4 if cell == "gru" else 5) * hidden
-    hist = jax.tree_util.tree_map(lambda c: jnp.zeros((batch, steps, hidden), c.dtype), carry0)
-    state = (carry0, hist, jnp.zeros((batch, steps, acts_width), x_BTF.dtype))
-    for segment in _segments(lengths_B, chunk, reverse):
-        state = _loop(segment, reverse, body, state)
-    final, hist, acts_BTA = state
-    residuals = (params, x_BTF, valid_BT, carry0, lengths_B, hist, acts_BTA)
-    return (hidden_state(cell, hist), final), residuals
-
-
-def _skip_bwd(cell, chunk, reverse, residuals, cotangents):
-    params, x_BTF, valid_BT, carry0, lengths_B, hist, acts_BTA = residuals
-    d_h_BTD, d_final = cotangents
-    batch, steps, _ = x_BTF.shape
-    # Row b's chunk runs steps [0, span[b]); its carry before step t is in hist at the step
-    # processed just before t, or is the initial carry if t came first.
-    span = jnp.repeat(lengths_B[::chunk], chunk)[:batch]
-
-    def add_to_h(carry, dh):
-        return (carry[0], carry[1] + dh) if cell == "lstm" else carry + dh
-
-    def body(rows, t, state):
-        d_carry, d_x, d_w = state
-        before = t + 1 if reverse else t - 1
-        has_before = (before < span[:rows]) if reverse else jnp.broadcast_to(t > 0, (rows,))
-        earlier = _at(hist, jnp.clip(before, 0, steps - 1), rows)
-        head = _keep(has_before, earlier, _rows(carry0, rows))
-        x, valid = _safe_x(x_BTF, valid_BT, t, rows)
-        d_head = add_to_h(_rows(d_carry, rows), _at(d_h_BTD, t, rows))
-        d_new = jax.tree_util.tree_map(lambda d: jnp.where(valid[:, None], d, 0.0), d_head)
-        d_gi, d_gh, d_prev = BACKWARD[cell](_at(acts_BTA, t, rows), head, d_new)
-        d_prev = add_to_h(d_prev, d_gh @ params["w_h"].T)
-        d_carry = _put_rows(d_carry, _keep(valid, d_prev, d_head))
-        # Weight gradients accumulate over the running rows only. (Packing those rows for a few
-        # large matmuls after the loop measured no faster on a 2-core CPU.)
-        d_w = {
-            "w_i": d_w["w_i"] + x.T @ d_gi,
-            "b_i": d_w["b_i"] + d_gi.sum(axis=0),
-            "w_h": d_w["w_h"] + hidden_state(cell, head).T @ d_gh,
-            "b_h": d_w["b_h"] + d_gh.sum(axis=0),
-        }
-        return d_carry, _put(d_x, t, d_gi @ params["w_i"].T), d_w
-
-    state = (d_final, jnp.zeros_like(x_BTF), jax.tree_util.tree_map(jnp.zeros_like, params))
-    for segment in _segments(lengths_B, chunk, not reverse):
-        state = _loop(segment, not reverse, body, state)
-    d_carry0, d_x, d_params = state
-    return d_params, d_x, None, d_carry0, None
-
-
-_skip = jax.custom_vjp(
-    lambda cell, chunk, reverse, *args: _skip_fwd(cell, chunk, reverse, *args)[0],
-    nondiff_argnums=(0, 1, 2),
-)
-_skip.defvjp(_skip_fwd, _skip_bwd)
-
-
-def recur_skipping(
-    cell: str, params, x_BTF, valid_BT, carry0, lengths_B, *, chunk: int, reverse: bool
-):
-    """The recurrence, input projection included, run only on chunks of rows still running.
-
-    Rows must be sorted by descending `lengths_B` (last valid step + 1). Rows are grouped in
-    chunks of `chunk`; a step is computed for a chunk while its first (longest) row runs, in one
-    loop per number of running chunks, so padded steps cost nothing. Reverse-mode only (custom
-    VJP): the backward pass accumulates the weight gradients over running rows.
-    Batch-major, unlike `recur_autodiff`: each step reads and writes a few rows, and the caller
-    saves two transposes. x_BTF f32[B, T, F] (any values at invalid steps: they are replaced by
-    0 and get gradient 0), valid_BT bool[B, T], carry0 f32[B, D] or (c, h), lengths_B i32[B].
-    Returns (h_BTD f32[B, T, D], final carry); h_BTD equals `recur_autodiff`'s (transposed) for
-    t < lengths_B and is undefined after it.
-    """
-    return _skip(cell, chunk, reverse, params, x_BTF, valid_BT, carry0, lengths_B)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maskax import cells
+from maskax import cells, skip_scan
 from maskax.cells import (  # noqa: F401  (re-exported: the scan API in one place)
     gru_from_flax,
     gru_to_flax,
@@ -125,7 +125,9 @@ def _skip_padding(cell, params, x_BTF, valid_BT, carry0, *, reverse, output_poli
 
     chunk = -(-batch // min(row_groups, batch))
     args = (sort(x_BTF), valid_BT[order], sort(carry0), last[order])
-    h_BTD, final = cells.recur_skipping(cell, params, *args, chunk=chunk, reverse=reverse)
+    h_BTD, final = skip_scan.recur_skipping(
+        cell, params, *args, chunk=chunk, reverse=reverse
+    )
     h_BTD, final = sort((h_BTD, final), inverse, order)
     if output_policy == "carry_forward":
         # Past its last valid step a row's carry is frozen: the final carry going forward, the

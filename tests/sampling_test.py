@@ -100,6 +100,27 @@ def test_sampled_rows_ignore_padding_and_other_rows(model):
   assert not np.array_equal(changed[0], tokens[0])
 
 
+@pytest.mark.parametrize("options", OPTIONS)
+def test_row_keys_make_a_rows_sample_independent_of_its_batch(model, options):
+  # With one key per row, row b's tokens are the same alone, in the full batch, or in a batch
+  # of different size; a single shared key ties each row's noise to the batch it is in.
+  _, gen = model
+  keys = sampling.row_keys(jax.random.key(3), 3)
+  tokens, _ = gen(PROMPT, LENGTHS, _zeros(3), 10, keys, **options)
+  for b, length in enumerate(LENGTHS):
+    alone, _ = gen(PROMPT[b:b + 1, :length], LENGTHS[b:b + 1], _zeros(1), 10, keys[b:b + 1],
+                   **options)
+    np.testing.assert_array_equal(alone[0], tokens[b])
+  key = jax.random.key(3)
+  shared, _ = gen(PROMPT, LENGTHS, _zeros(3), 10, key, **options)
+  shared_alone = [gen(PROMPT[b:b + 1, :n], LENGTHS[b:b + 1], _zeros(1), 10, key, **options)[0][0]
+                  for b, n in enumerate(LENGTHS)]
+  # The shared-key draw depends on the batch: some row differs from its run alone.
+  assert any(not np.array_equal(a, row) for a, row in zip(shared_alone, shared))
+  with pytest.raises(ValueError, match="2 row keys for 3 rows"):
+    sampling.sample_tokens(keys[:2], jnp.zeros((3, V)))
+
+
 def test_same_key_same_tokens_jit_equals_eager(model):
   params, gen = model
   options = dict(temperature=1.5, top_k=3)

@@ -2,6 +2,8 @@
 
 Every sampler takes an explicit `key`; generation derives the key of step i as
 `fold_in(key, start_step + i)`, so generating in chunks gives the same tokens as one call.
+Token sampling also takes one key per row (`row_keys`): a row's tokens then depend only on its
+own logits and key, not on which other rows share its batch.
 """
 
 from __future__ import annotations
@@ -30,10 +32,17 @@ def sample_tokens(key, logits, *, temperature=1.0, top_k: int = 0, banned=None):
   logits: f32[B, V]; banned: bool[V] or None (True = never sample). Returns i32[B].
   `temperature=0` is greedy argmax (a traced temperature works too). `top_k=0` keeps all V.
   Banned tokens get -inf through `jnp.where` before top-k, so when fewer than k tokens are
-  allowed the -inf ones are still never drawn. Rows draw independent noise from one key.
+  allowed the -inf ones are still never drawn. `key`: one key, from which the rows draw
+  independent noise (so a row's draw depends on the batch it is in), or key[B] (`row_keys`),
+  one per row (a row's draw depends on its key alone).
   """
   logits = jnp.asarray(logits, jnp.float32)
   _check(logits.ndim == 2, f"logits must be f32[B, V], got shape {logits.shape}.")
+  per_row = _is_row_keys(key)
+  if per_row:
+    _check(key.shape[0] == logits.shape[0],
+           f"key holds {key.shape[0]} row keys for {logits.shape[0]} rows of logits; pass one"
+           " key or row_keys(key, B).")
   vocab = logits.shape[1]
   _check(isinstance(top_k, int) and top_k >= 0,
          f"top_k must be a static int >= 0 (0 = no top-k), got {top_k!r}.")
@@ -51,11 +60,34 @@ def sample_tokens(key, logits, *, temperature=1.0, top_k: int = 0, banned=None):
     # Sampling among the k gathered logits gives exactly k candidates even with ties.
     logits, ids = jax.lax.top_k(logits, top_k)
   t = jnp.asarray(temperature, jnp.float32)
-  sampled = jax.random.categorical(key, logits / jnp.where(t > 0, t, 1.), axis=-1)
+  scaled = logits / jnp.where(t > 0, t, 1.)
+  if per_row:
+    sampled = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, scaled)
+  else:
+    sampled = jax.random.categorical(key, scaled, axis=-1)
   choice = jnp.where(t > 0, sampled, jnp.argmax(logits, axis=-1))
   if ids is not None:
     choice = jnp.take_along_axis(ids, choice[:, None], axis=1)[:, 0]
   return choice.astype(jnp.int32)
+
+
+def row_keys(key, batch: int):
+  """One key per row, fold_in(key, b): row b's key does not depend on the batch size. -> key[B]."""
+  return jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch))
+
+
+def _is_row_keys(key) -> bool:
+  """key[B] (typed) or u32[B, 2] (raw): one key per row, rather than one key for all."""
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key.ndim == 1
+  return key.ndim == 2
+
+
+def _fold(key, i):
+  """fold_in(key, i) for one key or for each of a batch of row keys."""
+  if _is_row_keys(key):
+    return jax.vmap(lambda k: jax.random.fold_in(k, i))(key)
+  return jax.random.fold_in(key, i)
 
 
 def generate(apply_fn: Callable, params, prompt, prompt_lengths, carry, steps: int, key, *,
@@ -69,7 +101,8 @@ def generate(apply_fn: Callable, params, prompt, prompt_lengths, carry, steps: i
   `lax.scan` then feeds each token back (length 1) to sample the next. The returned carry has
   consumed the prompt and tokens 1..steps-1 but not the last token, so
   `generate(apply_fn, params, tokens[:, -1:], ones, carry, n, key, start_step=steps)`
-  continues exactly where one longer call would. Jit with `apply_fn`, `steps`, `top_k` static.
+  continues exactly where one longer call would. `key` is one key, or one per row (`row_keys`)
+  to make each row's text independent of its batch. Jit with `apply_fn`, `steps`, `top_k` static.
   """
   prompt = jnp.asarray(prompt)
   lengths = jnp.asarray(prompt_lengths)
@@ -88,13 +121,13 @@ def generate(apply_fn: Callable, params, prompt, prompt_lengths, carry, steps: i
 
   logits_BTV, carry = apply_fn(params, prompt, lengths, carry)
   last_BV = logits_BTV[jnp.arange(batch), jnp.clip(lengths - 1, 0, time - 1)]
-  first = sample(jax.random.fold_in(key, start_step), last_BV)
+  first = sample(_fold(key, start_step), last_BV)
   ones = jnp.ones((batch,), lengths.dtype)
 
   def step(state, i):
     carry, token = state
     logits_B1V, carry = apply_fn(params, token[:, None], ones, carry)
-    following = sample(jax.random.fold_in(key, start_step + i), logits_B1V[:, 0])
+    following = sample(_fold(key, start_step + i), logits_B1V[:, 0])
     return (carry, following), token
 
   (carry, last), fed_SB = jax.lax.scan(step, (carry, first), jnp.arange(1, steps))

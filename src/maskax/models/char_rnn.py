@@ -69,9 +69,7 @@ def make_apply_fn(model: CharRNN):
   return apply_fn
 
 
-def row_keys(key, batch: int):
-  """One key per row, fold_in(key, b): row b's key does not depend on the batch size. -> key[B]."""
-  return jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch))
+row_keys = sampling.row_keys  # kept here too: the experiment and its tests use this name
 
 
 def generate(model: CharRNN, params, prompt, lengths, keys, *, steps: int, temperature=1.0,
@@ -81,10 +79,9 @@ def generate(model: CharRNN, params, prompt, lengths, keys, *, steps: int, tempe
   prompt: i32[B, T] right-padded; lengths: i32[B] in [1, T]; keys: key[B] (`row_keys`);
   carry: list per layer of f32[B, D] or None (zeros); banned: bool[V] (the unknown id).
   Returns (tokens i32[B, steps], carry), the carry as in `maskax.sampling.generate` (it has not
-  consumed the last token). Each row runs `maskax.sampling.generate` on a batch of one under
-  `vmap` (still one batched computation), so a prompt with a given key gives the same text alone
-  or in any ragged batch; a shared [B, V] draw would tie each row's noise to its batch. Jit with
-  `steps` and `top_k` static; the sampling loop inside is one `lax.scan`.
+  consumed the last token). With one key per row, a prompt with a given key gives the same text
+  alone or in any ragged batch; a shared [B, V] draw would tie each row's noise to its batch.
+  Jit with `steps` and `top_k` static; the sampling loop inside is one `lax.scan`.
   """
   prompt, lengths = jnp.asarray(prompt), jnp.asarray(lengths)
   if prompt.ndim != 2 or lengths.shape != prompt.shape[:1]:
@@ -95,16 +92,9 @@ def generate(model: CharRNN, params, prompt, lengths, keys, *, steps: int, tempe
                      f"{keys.shape}; use row_keys(key, batch).")
   if carry is None:
     carry = model.zero_carry(prompt.shape[0])
-  apply_fn = make_apply_fn(model)
-
-  def one_row(row_prompt, row_length, row_key, row_carry):
-    add_batch = lambda tree: jax.tree.map(lambda a: a[None], tree)
-    tokens, out = sampling.generate(
-        apply_fn, params, row_prompt[None], row_length[None], add_batch(row_carry), steps,
-        row_key, temperature=temperature, top_k=top_k, banned=banned, start_step=start_step)
-    return tokens[0], jax.tree.map(lambda a: a[0], out)
-
-  return jax.vmap(one_row)(prompt, lengths, keys, carry)
+  return sampling.generate(make_apply_fn(model), params, prompt, lengths, carry, steps, keys,
+                           temperature=temperature, top_k=top_k, banned=banned,
+                           start_step=start_step)
 
 
 def stream_xent(model: CharRNN, params, inputs, targets, mask=None):

@@ -12,8 +12,9 @@ gathered masked positions only. The ablation trains the same model with four MLM
   python launch.py --config=experiments/bert_pretrain.py:ablation --sweep=model.mlm_head=gathered,full
 
 Hardware: a 2-core CPU runs the default in about 3 minutes (measured 2 min 56 s idle); `base` is
-for accelerators. Expected (measured, README): held-out masked-token accuracy 0.12 against 0.056
-for the unigram baseline.
+for accelerators (6.5 steps/s on one H200). Expected (measured, README): held-out masked-token
+accuracy 0.12 against 0.056 for the unigram baseline. Accuracy is also reported per kind of slot
+([MASK] / random / kept, `slot_accuracies`): only [MASK] slots measure prediction from context.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ PRESETS = {
     "default": "tiny BERT (2x128), seq 128, 600 steps: about 3 minutes on a 2-core CPU",
     "ablation": "as default with 200 steps, for the 4-way MLM-reduction sweep",
     "mini": "4x256 BERT, 2,000 steps (a faster CPU or a GPU)",
-    "base": "BERT-base 12x768, seq 128, batch 256, bf16 compute (accelerators)",
+    "base": "BERT-base 12x768, seq 128, batch 256, bf16 compute, WordPiece 10k (accelerators)",
     "smoke": "1-layer 32-wide BERT on a slice of the corpus, 4 steps (seconds; tests)",
 }
 # The learning-rate schedule decays to 0 at train.steps: extending a run would change it.

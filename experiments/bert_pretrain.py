@@ -11,9 +11,9 @@ gathered masked positions only. The ablation trains the same model with four MLM
       --sweep=loss.mlm_reduction=masked,masked_sum_over_nonpad,all_nonpad_tokens,all_tokens
   python launch.py --config=experiments/bert_pretrain.py:ablation --sweep=model.mlm_head=gathered,full
 
-Hardware: a 2-core CPU runs the default in about 3 minutes (measured 2 min 56 s idle); `base` is
+Hardware: a 2-core CPU runs the default in about 3 minutes (measured 2 min 47 s idle); `base` is
 for accelerators (6.5 steps/s on one H200). Expected (measured, README): held-out masked-token
-accuracy 0.12 against 0.056 for the unigram baseline. Accuracy is also reported per kind of slot
+accuracy 0.11-0.12 against 0.057 for the unigram baseline. Accuracy is also reported per kind of slot
 ([MASK] / random / kept, `slot_accuracies`): only [MASK] slots measure prediction from context.
 """
 

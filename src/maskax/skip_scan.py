@@ -8,12 +8,15 @@ hand (custom VJP, reverse mode only) so the backward pass touches the same rows.
 Measured dead ends, kept here so nobody repeats them blind (2-core CPU, B=64, T=100, F=256):
 hoisting the input projection into blocked matmuls over a packed (row, step) layout made the
 forward slower; moving the weight gradients out of the loop into such blocked matmuls, with
-the gate gradients recorded per step, made the backward no faster: the step-by-step part (the
-recurrent matmul on the few rows of a step, the gate backward, d_x) dominates. Same-run ratios
+the gate gradients recorded per step, made the backward no faster. What limits the LSTM: at full
+length this kernel is already 1.08x faster than flax's, but each of the ~max-length loop
+iterations pays costs that do not shrink with the rows still running (weight reads, op
+dispatch), so 60% of the (row, step) work takes ~75% of the time. Same-run ratios
 against flax with that packed backward: GRU-256 1.55x (1.73-1.77x here), LSTM-256 1.28x
 (1.36-1.38x). Fusing the LSTM's two matmuls over [x, h] gained nothing either. Finer row
 groups (`row_groups=32` instead of 8: less padding inside a chunk, more loops) moved the LSTM
 from 1.36-1.39x to 1.42-1.48x but the GRU-256 from 1.73-1.77x down to 1.45-1.48x (two runs each).
+Run-to-run noise on that shared machine is about +-0.1x, as large as each of these effects.
 """
 
 import jax

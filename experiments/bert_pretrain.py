@@ -115,12 +115,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.max_predictions = 5
     c.data.eval_fraction = 0.2
     c.data.eval_batches = 1
-    c.train.steps = 4
-    c.train.batch_size = 8
+    common.smoke_loop(c.train)
     c.train.warmup_steps = 1
-    c.train.log_every = 2
-    c.train.eval_every = 0
-    c.train.checkpoint_every = 2
   return c
 
 

@@ -16,3 +16,14 @@ def train_config() -> ml_collections.ConfigDict:
   t.max_nonfinite_steps = 1  # with 'stop': how many skipped steps end the run
   t.async_checkpoints = True  # write checkpoints while training goes on
   return t
+
+
+def smoke_loop(train: ml_collections.ConfigDict, *, batch_size: int = 8, steps: int = 4) -> None:
+  """Sets the `smoke` preset's loop on `config.train`: `steps` steps of `batch_size` rows, a log
+  line and a checkpoint every 2 steps, evaluation only at the end. The smoke tests resume these
+  runs from step 4 and look for checkpoints 4 and 6, so every experiment shares the schedule."""
+  train.steps = steps
+  train.batch_size = batch_size
+  train.log_every = 2
+  train.eval_every = 0
+  train.checkpoint_every = 2

@@ -59,11 +59,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.debug.step_delay_s = 0.0  # >0: sleep in the data pipeline (tests that kill mid-run)
   if arg == "smoke":
     c.model.hidden = 16
-    c.train.steps = 6
-    c.train.batch_size = 8
-    c.train.log_every = 2
-    c.train.eval_every = 0
-    c.train.checkpoint_every = 2
+    common.smoke_loop(c.train, steps=6)
     c.data.eval_batches = 1
   return c
 

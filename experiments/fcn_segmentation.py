@@ -100,11 +100,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.widths = (4, 8)
     c.model.skips = 2
     c.model.convs_per_stage = 1
-    c.train.steps = 4
-    c.train.batch_size = 4
-    c.train.log_every = 2
-    c.train.eval_every = 0
-    c.train.checkpoint_every = 2
+    common.smoke_loop(c.train, batch_size=4)
     c.viz.num_images = 2
   return c
 

@@ -115,11 +115,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.eval_batch_size = 8
     c.model.hidden = 8
     c.model.conv_features = 4
-    c.train.steps = 4
-    c.train.batch_size = 8
-    c.train.log_every = 2
-    c.train.eval_every = 0
-    c.train.checkpoint_every = 2
+    common.smoke_loop(c.train)
   return c
 
 

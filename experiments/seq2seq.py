@@ -126,11 +126,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.hidden = 16
     c.decode.beam_width = 2
     c.decode.log_examples = 1
-    c.train.steps = 4
-    c.train.batch_size = 8
-    c.train.log_every = 2
-    c.train.eval_every = 0
-    c.train.checkpoint_every = 2
+    common.smoke_loop(c.train)
   return c
 
 

@@ -40,6 +40,20 @@ def launch(*args, devices: int = 1, timeout: float = 300, env=None, check=False)
   return proc
 
 
+def resume_to_six(args, workdir, *extra) -> list[dict]:
+  """Reruns a finished 4-step smoke run (`launch(*args)`) to step 6 and checks that it resumed
+  at step 4, wrote checkpoint 6 and logged training at steps 2, 4, 6 exactly once each.
+  Returns the records of WORKDIR/metrics.jsonl for the test's own checks."""
+  proc = launch(*args, "--config.train.steps=6", *extra, check=True)
+  log = proc.stdout + proc.stderr[-3000:]
+  assert "resumed at step 4" in proc.stderr, log
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "6")), log
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
+  return records
+
+
 @pytest.fixture
 def run_launch():
   return launch

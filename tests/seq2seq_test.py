@@ -1,7 +1,6 @@
 """maskax.models.seq2seq and experiments/seq2seq.py: documented shapes, padding invariance,
 teacher forcing equals step-by-step decoding, sampled = full softmax with every class, smoke."""
 
-import json
 import os
 import types
 
@@ -10,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import launch
+from conftest import launch, resume_to_six
 from maskax import losses
 from maskax.models import seq2seq
 
@@ -207,12 +206,6 @@ def test_smoke_trains_checkpoints_resumes_decodes(tmp_path):
   assert os.path.isdir(os.path.join(work, "checkpoints", "4")), log
   assert "eval/exact_match_beam" in first.stdout and "translate" in first.stderr, log
   assert "2 compiled shapes" in first.stderr, log
-  second = launch(*args, "--config.train.steps=6", "--config.decode.beam_width=1", check=True)
-  log = second.stdout + second.stderr[-3000:]
-  assert "resumed at step 4" in second.stderr, log
-  assert os.path.isdir(os.path.join(work, "checkpoints", "6")), log
-  with open(os.path.join(work, "metrics.jsonl")) as f:
-    records = [json.loads(line) for line in f]
-  assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
+  records = resume_to_six(args, work, "--config.decode.beam_width=1")
   final = [r for r in records if "eval/exact_match" in r][-1]
   assert final["step"] == 6 and 0.0 <= final["eval/exact_match"] <= 1.0

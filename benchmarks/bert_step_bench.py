@@ -15,6 +15,7 @@ from one run.
 """
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -70,14 +71,8 @@ def bench_row(config, batch_np, dtype, head, steps, windows):
                     loss=bert_pretrain.make_loss(model, config, mask_id=MASK_ID),
                     optimizer=bert_pretrain.make_optimizer(config), train_data=None)
   mesh = sharding.make_mesh()
-
-  def init_state(key):
-    params, model_state = task.init(key)
-    return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                            opt_state=task.optimizer.init(params), model_state=model_state,
-                            key=key)
-
-  state = jax.jit(init_state, out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(0))
+  init = jax.jit(functools.partial(train.init_state, task), out_shardings=sharding.replicated(mesh))
+  state = init(jax.random.PRNGKey(0))
   step = train_step.make_train_step(task, train.LoopOptions.from_config(config.train), mesh)
   batch = sharding.shard_batch(batch_np, mesh)
   start = time.perf_counter()

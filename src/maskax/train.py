@@ -16,9 +16,10 @@ at the end; that is what keeps accumulation equal to one big batch for every nor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import flax
 import jax
@@ -151,28 +152,31 @@ def evaluate(task: Task, state: TrainState, eval_step, mesh) -> dict[str, float]
   return metrics
 
 
+def init_state(task: Task, key: jax.Array) -> TrainState:
+  """A fresh TrainState at step 0: `task.init` and the optimizer on one half of `key`, the
+  per-step keys from the other. Pure; jit it with the output sharding you want."""
+  init_key, loop_key = jax.random.split(key)
+  params, model_state = task.init(init_key)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=task.optimizer.init(params), model_state=model_state,
+                    key=loop_key)
+
+
 def init_or_restore(task: Task, seed: int, mesh, checkpointer):
   """Fresh state (placed on the mesh) or the newest intact checkpoint's state, data and loop
   record (a damaged newer checkpoint is skipped with a warning; see `Checkpointer`)."""
   repl = sharding_lib.replicated(mesh)
-
-  def init_state(key):
-    init_key, loop_key = jax.random.split(key)
-    params, model_state = task.init(init_key)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=task.optimizer.init(params), model_state=model_state,
-                      key=loop_key)
-
+  init_state_fn = functools.partial(init_state, task)
   key = jax.random.PRNGKey(seed)
   if checkpointer.latest_step() is not None:
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
-                            jax.eval_shape(init_state, key))
+                            jax.eval_shape(init_state_fn, key))
     any_process = sharding_lib.make_any_process(mesh)
     restored = checkpointer.restore_latest(
         abstract, agree=lambda bad: bool(jax.device_get(any_process(bad))))
     if restored is not None:
       return restored
-  init = jax.jit(init_state, out_shardings=repl)
+  init = jax.jit(init_state_fn, out_shardings=repl)
   return init(key), None, {"elapsed": 0.0, "nonfinite_steps": []}
 
 

@@ -137,9 +137,9 @@ def main():
   print("\n| dtype | MLM head | ms/step | tokens/s | model TFLOP/s | MFU (measured peak) "
         "| MFU (datasheet) | XLA temp memory | compile s | loss |")
   print("|---|---|---|---|---|---|---|---|---|---|")
+  model_config = bert_pretrain.make_model(config, args.vocab).config  # sizes: same every row
   for row in args.rows.split(","):
     dtype, head = row.split(":")
-    model_config = bert_pretrain.make_model(config, args.vocab).config
     flops = bert.train_flops_per_sequence(model_config, args.seq_len, preds, head) * args.batch
     sec, compile_s, loss, temp_bytes = bench_row(config, batch, dtype, head, args.steps,
                                                args.windows)

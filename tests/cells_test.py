@@ -73,9 +73,9 @@ def test_backward_matches_autodiff(cell):
     carry = _carry(cell, jax.random.key(1))
     d_new = _carry(cell, jax.random.key(2))
     new, vjp = jax.vjp(cells.GATE_FNS[cell], gi, gh, carry)
-    _, acts = cells.FORWARD[cell](gi, gh, carry)
+    after, acts = cells.FORWARD[cell](gi, gh, carry)
     want = vjp(d_new)
-    got = cells.BACKWARD[cell](acts, carry, d_new)
+    got = cells.BACKWARD[cell](acts, carry, after, d_new)
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(g, w, atol=1e-6)
 

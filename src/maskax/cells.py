@@ -133,8 +133,12 @@ def gru_forward(gi, gh, h):
     return n + z * (h - n), jnp.concatenate([r, z, n, gh_n], axis=-1)
 
 
-def gru_backward(acts, h, d_new):
-    """VJP of `gru_forward` at saved acts: (d_gi, d_gh f32[B, 3D], d_h f32[B, D] not via gh)."""
+def gru_backward(acts, h, new, d_new):
+    """VJP of `gru_forward` at saved acts: (d_gi, d_gh f32[B, 3D], d_h f32[B, D] not via gh).
+
+    `new` (the carry after the step) is unused: the signature matches `lstm_backward`'s.
+    """
+    del new
     r, z, n, gh_n = jnp.split(acts, 4, axis=-1)
     d_z = d_new * (h - n) * z * (1.0 - z)
     d_n = d_new * (1.0 - z) * (1.0 - n * n)
@@ -147,23 +151,28 @@ def gru_backward(acts, h, d_new):
 
 
 def lstm_forward(gi, gh, carry):
-    """LSTM update from gi, gh f32[B, 4D] and (c, h) f32[B, D] -> ((c', h'), acts f32[B, 5D]).
+    """LSTM update from gi, gh f32[B, 4D] and (c, h) f32[B, D] -> ((c', h'), acts f32[B, 4D]).
 
-    acts = (i, f, g, o, tanh c') after their nonlinearities, for `lstm_backward`.
+    acts = (i, f, g, o) after their nonlinearities, for `lstm_backward`. tanh(c') is not saved:
+    the backward pass recomputes it from c', which the caller keeps anyway (saving it made the
+    residuals 25% larger, and on a CPU filling those buffers is a visible part of the time).
     """
     c, _ = carry
     a_i, a_f, a_g, a_o = jnp.split(gi + gh, 4, axis=-1)
     i, f, o, g = jax.nn.sigmoid(a_i), jax.nn.sigmoid(a_f), jax.nn.sigmoid(a_o), jnp.tanh(a_g)
     new_c = f * c + i * g
-    tanh_c = jnp.tanh(new_c)
-    return (new_c, o * tanh_c), jnp.concatenate([i, f, g, o, tanh_c], axis=-1)
+    return (new_c, o * jnp.tanh(new_c)), jnp.concatenate([i, f, g, o], axis=-1)
 
 
-def lstm_backward(acts, carry, d_new):
-    """VJP of `lstm_forward` at saved acts: (d_gi, d_gh f32[B, 4D] (equal), (d_c, d_h=0))."""
+def lstm_backward(acts, carry, new, d_new):
+    """VJP of `lstm_forward` at saved acts, given the carry before (c, h) and after (c', h').
+
+    Returns (d_gi, d_gh f32[B, 4D] (equal), (d_c, d_h=0)).
+    """
     c, _ = carry
+    tanh_c = jnp.tanh(new[0])
     d_c_new, d_h_new = d_new
-    i, f, g, o, tanh_c = jnp.split(acts, 5, axis=-1)
+    i, f, g, o = jnp.split(acts, 4, axis=-1)
     d_c = d_c_new + d_h_new * o * (1.0 - tanh_c * tanh_c)
     d_a = jnp.concatenate(
         [

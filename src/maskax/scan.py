@@ -149,7 +149,7 @@ def padded_scan(
     reverse=False,
     output_policy="zero",
     skip_padding=False,
-    row_groups=8,
+    row_groups=16,
 ):
     """Runs a GRU/LSTM over padded sequences with frozen carry at invalid steps (module docstring).
 
@@ -163,9 +163,10 @@ def padded_scan(
     - `skip_padding=True`: rows sorted by last valid step and cut into `row_groups` chunks; a
       chunk's steps run only while its longest row does, input projection included, and a
       hand-written backward pass accumulates weight gradients over those rows (custom VJP:
-      reverse mode only). Against flax's `nn.RNN` on a loaded 2-core CPU, lengths uniform in
-      [10, 100], forward + backward: 1.3-2.1x by wall clock, 1.4-1.5x by CPU time; the hoisted
-      default measured 0.7-0.9x there (benchmarks/scan_bench.py).
+      reverse mode only). A CPU path: see README "Benchmarks" for its speed against flax's
+      `nn.RNN` (benchmarks/scan_bench.py). Each row group is one loop forward and one backward,
+      so compile time grows with `row_groups` (B=64, T=100, D=256: about 3 s at 8, 6 s at 16,
+      13 s at 32); finer groups run less padding (16 vs 8: 3-7% faster on that benchmark).
     """
     x = jnp.asarray(x)
     lengths = None if lengths is None else jnp.asarray(lengths)

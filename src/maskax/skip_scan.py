@@ -5,18 +5,24 @@ the steps before its first (longest) row ends, in one loop per number of running
 padding past a chunk's longest row costs nothing. Forward and backward passes are written by
 hand (custom VJP, reverse mode only) so the backward pass touches the same rows.
 
-Measured dead ends, kept here so nobody repeats them blind (2-core CPU, B=64, T=100, F=256):
-hoisting the input projection into blocked matmuls over a packed (row, step) layout made the
-forward slower; moving the weight gradients out of the loop into such blocked matmuls, with
-the gate gradients recorded per step, made the backward no faster. What limits the LSTM: at full
-length this kernel is already 1.08x faster than flax's, but each of the ~max-length loop
-iterations pays costs that do not shrink with the rows still running (weight reads, op
-dispatch), so 60% of the (row, step) work takes ~75% of the time. Same-run ratios
-against flax with that packed backward: GRU-256 1.55x (1.73-1.77x here), LSTM-256 1.28x
-(1.36-1.38x). Fusing the LSTM's two matmuls over [x, h] gained nothing either. Finer row
-groups (`row_groups=32` instead of 8: less padding inside a chunk, more loops) moved the LSTM
-from 1.36-1.39x to 1.42-1.48x but the GRU-256 from 1.73-1.77x down to 1.45-1.48x (two runs each).
-Run-to-run noise on that shared machine is about +-0.1x, as large as each of these effects.
+What the time goes to (2-core CPU, B=64, T=100, F=256, LSTM-256, XLA's profiler): ~75% in
+the per-step dots, whose efficiency falls as rows drop out (8 rows: ~145 GFLOP/s for
+`h @ w`, ~205 for one large matmul), and ~15% in writing the per-step residuals into fresh buffers (temporaries are
+touched anew on every call, ~0.3 ms per MB there). Hence 4 saved vectors per step, not 5, and
+the backward's pre-transposed weights (both measured faster, see `_skip_bwd`).
+
+Measured dead ends, kept here so nobody repeats them blind (same machine and shapes):
+- the input projection hoisted out of the loop (one [B*T, F] matmul forward, d_x and the
+  w_i gradient as two more after the backward): LSTM-256 170 vs 129 ms; the same over a
+  packed (row, step) layout made the forward slower too;
+- the weight gradients out of the loop, from gate gradients recorded per step, as one matmul
+  over all (row, step) (143 vs 121 ms) or as blocked matmuls over a packed layout (no faster):
+  in the loop they already run at ~135 GFLOP/s, and the recording buffer costs more;
+- two steps per weight-gradient update, or four (K = 2 or 4 times the rows): no faster, or
+  slower; a single fused [x, h] matmul for the LSTM: no change;
+- the x buffer reused in place for d_x (saving one zeroed buffer): 139 vs 117 ms.
+Run-to-run noise on that shared machine is about +-0.05x in the ratio to flax; every decision
+above rests on same-process A/B runs repeated at least twice.
 """
 
 import jax
@@ -89,7 +95,7 @@ def _skip_fwd(cell, chunk, reverse, params, x_BTF, valid_BT, carry0, lengths_B):
         head = keep_valid(valid, new, head)
         return _put_rows(carry, head), _put(hist, t, head), _put(acts_BTA, t, acts)
 
-    acts_width = (4 if cell == "gru" else 5) * hidden
+    acts_width = 4 * hidden  # both cells save 4 vectors per row and step
     hist = jax.tree_util.tree_map(lambda c: jnp.zeros((batch, steps, hidden), c.dtype), carry0)
     state = (carry0, hist, jnp.zeros((batch, steps, acts_width), x_BTF.dtype))
     for segment in _segments(lengths_B, chunk, reverse):
@@ -106,6 +112,11 @@ def _skip_bwd(cell, chunk, reverse, residuals, cotangents):
     # Row b's chunk runs steps [0, span[b]); its carry before step t is in hist at the step
     # processed just before t, or is the initial carry if t came first.
     span = jnp.repeat(lengths_B[::chunk], chunk)[:batch]
+    # The transposed weights, laid out once before the loop. Left to XLA, `d @ w.T` contracts
+    # over w's minor axis inside every step, which XLA:CPU's dot runs at about half speed for a
+    # few rows (8 rows, D=256: 56 vs 29 us; benchmarks/scan_bench.py moved 1.38x -> 1.45x).
+    # The barrier keeps the transpose from being folded back into the dots.
+    w_i_T, w_h_T = lax.optimization_barrier((params["w_i"].T, params["w_h"].T))
 
     def add_to_h(carry, dh):
         return (carry[0], carry[1] + dh) if cell == "lstm" else carry + dh
@@ -119,8 +130,10 @@ def _skip_bwd(cell, chunk, reverse, residuals, cotangents):
         x, valid = _safe_x(x_BTF, valid_BT, t, rows)
         d_head = add_to_h(_rows(d_carry, rows), _at(d_h_BTD, t, rows))
         d_new = jax.tree_util.tree_map(lambda d: jnp.where(valid[:, None], d, 0.0), d_head)
-        d_gi, d_gh, d_prev = BACKWARD[cell](_at(acts_BTA, t, rows), head, d_new)
-        d_prev = add_to_h(d_prev, d_gh @ params["w_h"].T)
+        # hist at t is the carry after step t (for rows not running there it is the frozen
+        # carry, finite, and their d_new is 0).
+        d_gi, d_gh, d_prev = BACKWARD[cell](_at(acts_BTA, t, rows), head, _at(hist, t, rows), d_new)
+        d_prev = add_to_h(d_prev, d_gh @ w_h_T)
         d_carry = _put_rows(d_carry, keep_valid(valid, d_prev, d_head))
         # Weight gradients accumulate over the running rows only. (Packing those rows for a few
         # large matmuls after the loop measured no faster on a 2-core CPU.)
@@ -130,7 +143,7 @@ def _skip_bwd(cell, chunk, reverse, residuals, cotangents):
             "w_h": d_w["w_h"] + hidden_state(cell, head).T @ d_gh,
             "b_h": d_w["b_h"] + d_gh.sum(axis=0),
         }
-        return d_carry, _put(d_x, t, d_gi @ params["w_i"].T), d_w
+        return d_carry, _put(d_x, t, d_gi @ w_i_T), d_w
 
     state = (d_final, jnp.zeros_like(x_BTF), jax.tree_util.tree_map(jnp.zeros_like, params))
     for segment in _segments(lengths_B, chunk, not reverse):

@@ -8,8 +8,10 @@ hand (custom VJP, reverse mode only) so the backward pass touches the same rows.
 What the time goes to (2-core CPU, B=64, T=100, F=256, LSTM-256, XLA's profiler): ~75% in
 the per-step dots, whose efficiency falls as rows drop out (8 rows: ~145 GFLOP/s for
 `h @ w`, ~205 for one large matmul), and ~15% in writing the per-step residuals into fresh buffers (temporaries are
-touched anew on every call, ~0.3 ms per MB there). Hence 4 saved vectors per step, not 5, and
-the backward's pre-transposed weights (both measured faster, see `_skip_bwd`).
+touched anew on every call, ~0.3 ms per MB there). Hence 4 saved vectors per step, not 5; the
+backward's pre-transposed weights (see `_skip_bwd`); and each segment's loop carries only its
+running rows' carry, written back once after the loop (slicing it out of the full carry and
+writing it back every step cost 1-13% more). Each measured in same-process A/B runs.
 
 Measured dead ends, kept here so nobody repeats them blind (same machine and shapes):
 - the input projection hoisted out of the loop (one [B*T, F] matmul forward, d_x and the
@@ -73,7 +75,11 @@ def _put_rows(tree, values):
 def _loop(segment, reverse, body, state):
     rows, start, end = segment
     step = (lambda i: end - 1 - i) if reverse else (lambda i: start + i)
-    return lax.fori_loop(0, end - start, lambda i, s: body(rows, step(i), s), state)
+    carry, rest = state[0], state[1:]
+    head, *rest = lax.fori_loop(
+        0, end - start, lambda i, s: body(rows, step(i), s), (_rows(carry, rows), *rest)
+    )
+    return (_put_rows(carry, head), *rest)
 
 
 def _safe_x(x_BTF, valid_BT, t, rows):
@@ -87,13 +93,13 @@ def _skip_fwd(cell, chunk, reverse, params, x_BTF, valid_BT, carry0, lengths_B):
 
     def body(rows, t, state):
         carry, hist, acts_BTA = state
-        head = _rows(carry, rows)
+        head = carry
         x, valid = _safe_x(x_BTF, valid_BT, t, rows)
         gi = add_bias(x @ params["w_i"], params["b_i"])
         gh = add_bias(hidden_state(cell, head) @ params["w_h"], params["b_h"])
         new, acts = FORWARD[cell](gi, gh, head)
         head = keep_valid(valid, new, head)
-        return _put_rows(carry, head), _put(hist, t, head), _put(acts_BTA, t, acts)
+        return head, _put(hist, t, head), _put(acts_BTA, t, acts)
 
     acts_width = 4 * hidden  # both cells save 4 vectors per row and step
     hist = jax.tree_util.tree_map(lambda c: jnp.zeros((batch, steps, hidden), c.dtype), carry0)
@@ -128,13 +134,13 @@ def _skip_bwd(cell, chunk, reverse, residuals, cotangents):
         earlier = _at(hist, jnp.clip(before, 0, steps - 1), rows)
         head = keep_valid(has_before, earlier, _rows(carry0, rows))
         x, valid = _safe_x(x_BTF, valid_BT, t, rows)
-        d_head = add_to_h(_rows(d_carry, rows), _at(d_h_BTD, t, rows))
+        d_head = add_to_h(d_carry, _at(d_h_BTD, t, rows))
         d_new = jax.tree_util.tree_map(lambda d: jnp.where(valid[:, None], d, 0.0), d_head)
         # hist at t is the carry after step t (for rows not running there it is the frozen
         # carry, finite, and their d_new is 0).
         d_gi, d_gh, d_prev = BACKWARD[cell](_at(acts_BTA, t, rows), head, _at(hist, t, rows), d_new)
         d_prev = add_to_h(d_prev, d_gh @ w_h_T)
-        d_carry = _put_rows(d_carry, keep_valid(valid, d_prev, d_head))
+        d_carry = keep_valid(valid, d_prev, d_head)
         # Weight gradients accumulate over the running rows only. (Packing those rows for a few
         # large matmuls after the loop measured no faster on a 2-core CPU.)
         d_w = {

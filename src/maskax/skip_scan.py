@@ -20,10 +20,11 @@ Measured dead ends, kept here so nobody repeats them blind (same machine and sha
 - the weight gradients out of the loop, from gate gradients recorded per step, as one matmul
   over all (row, step) (143 vs 121 ms) or as blocked matmuls over a packed layout (no faster):
   in the loop they already run at ~135 GFLOP/s, and the recording buffer costs more;
-- two steps per weight-gradient update, or four (K = 2 or 4 times the rows): no faster, or
-  slower; a single fused [x, h] matmul for the LSTM: no change;
+- two or four steps per weight-gradient update (K = 2 or 4 times the rows, the [F + D, G*D]
+  sums read and written half or a quarter as often): -3% to +8% over four same-process runs,
+  inside the noise; a single fused [x, h] matmul for the LSTM: no change;
 - the x buffer reused in place for d_x (saving one zeroed buffer): 139 vs 117 ms.
-Run-to-run noise on that shared machine is about +-0.05x in the ratio to flax; every decision
+Run-to-run noise on that shared machine is about +-5% in the ratio to flax; every decision
 above rests on same-process A/B runs repeated at least twice.
 """
 

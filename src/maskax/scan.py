@@ -102,33 +102,14 @@ def step_validity(steps: int, lengths=None, mask=None, batch_shape=()):
     return valid
 
 
-@jax.custom_vjp
-def _permute(a, order, inverse):
-    """a[order] along axis 0, with the gradient as a gather by `inverse` (no scatter-add)."""
-    return a[order]
-
-
-_permute.defvjp(
-    lambda a, order, inverse: (a[order], inverse), lambda inverse, g: (g[inverse], None, None)
-)
-
-
 def _skip_padding(cell, params, x_BTF, valid_BT, carry0, *, reverse, output_policy, row_groups):
-    """`recur_skipping` on rows sorted by descending last valid step, then put back in order."""
+    """`recur_skipping` with rows ranked by last valid step, then the output policy."""
     batch, steps = valid_BT.shape
     last = jnp.max(jnp.where(valid_BT, jnp.arange(1, steps + 1)[None], 0), axis=1)
-    order = jnp.argsort(-last, stable=True)
-    inverse = jnp.argsort(order)
-
-    def sort(tree, by=order, undo=inverse):
-        return jax.tree_util.tree_map(lambda a: _permute(a, by, undo), tree)
-
     chunk = -(-batch // min(row_groups, batch))
-    args = (sort(x_BTF), valid_BT[order], sort(carry0), last[order])
     h_BTD, final = skip_scan.recur_skipping(
-        cell, params, *args, chunk=chunk, reverse=reverse
+        cell, params, x_BTF, valid_BT, carry0, last, chunk=chunk, reverse=reverse
     )
-    h_BTD, final = sort((h_BTD, final), inverse, order)
     if output_policy == "carry_forward":
         # Past its last valid step a row's carry is frozen: the final carry going forward, the
         # initial carry going backward (nothing processed yet).

@@ -6,12 +6,15 @@ padding past a chunk's longest row costs nothing. Forward and backward passes ar
 hand (custom VJP, reverse mode only) so the backward pass touches the same rows.
 
 What the time goes to (2-core CPU, B=64, T=100, F=256, LSTM-256, XLA's profiler): ~75% in
-the per-step dots, whose efficiency falls as rows drop out (8 rows: ~145 GFLOP/s for
-`h @ w`, ~205 for one large matmul), and ~15% in writing the per-step residuals into fresh buffers (temporaries are
-touched anew on every call, ~0.3 ms per MB there). Hence 4 saved vectors per step, not 5; the
-backward's pre-transposed weights (see `_skip_bwd`); and each segment's loop carries only its
-running rows' carry, written back once after the loop (slicing it out of the full carry and
-writing it back every step cost 1-13% more). Each measured in same-process A/B runs.
+the per-step dots, whose efficiency falls as rows drop out (8 rows: ~145 GFLOP/s for `h @ w`,
+~205 for one large matmul), and ~15% in writing per-step residuals into fresh buffers
+(temporaries are touched anew on every call, ~0.3 ms per MB there). Hence: 4 saved vectors per
+step, not 5; the backward's pre-transposed weights (see `_skip_bwd`); each segment's loop
+carries only its running rows' carry, written back once after the loop (slicing it out of the
+full carry and writing it back every step cost 1-13% more); and x, the outputs and their
+gradients stay in the caller's row order, the running rows fetched or written by index each
+step, instead of whole-array sorts (one [B, T, F] temporary less: 57 -> 51 MB at LSTM-256;
+speed -3% to +6% over three runs, noise). Each measured in same-process A/B runs.
 
 Measured dead ends, kept here so nobody repeats them blind (same machine and shapes):
 - the input projection hoisted out of the loop (one [B*T, F] matmul forward, d_x and the
@@ -83,19 +86,30 @@ def _loop(segment, reverse, body, state):
     return (_put_rows(carry, head), *rest)
 
 
-def _safe_x(x_BTF, valid_BT, t, rows):
-    """x at step t with invalid entries replaced by 0, so NaN/inf there never reach the cell."""
+def _gather(a_BT, t, rows_R):
+    """Step t of the given rows of a [B, T, ...] array in the caller's row order: [R, ...]."""
+    return lax.dynamic_index_in_dim(a_BT, t, 1, False)[rows_R]
+
+
+def _safe_x(x_BTF, valid_BT, t, order_B, rows):
+    """x at step t with invalid entries replaced by 0, so NaN/inf there never reach the cell.
+
+    x is in the caller's row order and valid sorted: rows are fetched per step (a few rows,
+    microseconds) rather than sorting all of x, a [B, T, F] temporary per call.
+    """
     valid = _at(valid_BT, t, rows)
-    return jnp.where(valid[:, None], _at(x_BTF, t, rows), 0.0), valid
+    return jnp.where(valid[:, None], _gather(x_BTF, t, order_B[:rows]), 0.0), valid
 
 
-def _skip_fwd(cell, chunk, reverse, params, x_BTF, valid_BT, carry0, lengths_B):
+def _skip_fwd(cell, chunk, reverse, params, x_BTF, valid_BT, carry0, lengths_B, order_B, inverse_B):
+    """Forward pass: x_BTF in the caller's row order; valid_BT, carry0, lengths_B sorted by
+    `order_B` (descending length); returns h in the caller's order, the final carry sorted."""
     (batch, steps, _), hidden = x_BTF.shape, params["w_h"].shape[0]
 
     def body(rows, t, state):
         carry, hist, acts_BTA = state
         head = carry
-        x, valid = _safe_x(x_BTF, valid_BT, t, rows)
+        x, valid = _safe_x(x_BTF, valid_BT, t, order_B, rows)
         gi = add_bias(x @ params["w_i"], params["b_i"])
         gh = add_bias(hidden_state(cell, head) @ params["w_h"], params["b_h"])
         new, acts = FORWARD[cell](gi, gh, head)
@@ -108,12 +122,12 @@ def _skip_fwd(cell, chunk, reverse, params, x_BTF, valid_BT, carry0, lengths_B):
     for segment in _segments(lengths_B, chunk, reverse):
         state = _loop(segment, reverse, body, state)
     final, hist, acts_BTA = state
-    residuals = (params, x_BTF, valid_BT, carry0, lengths_B, hist, acts_BTA)
-    return (hidden_state(cell, hist), final), residuals
+    residuals = (params, x_BTF, valid_BT, carry0, lengths_B, hist, acts_BTA, order_B)
+    return (hidden_state(cell, hist)[inverse_B], final), residuals
 
 
 def _skip_bwd(cell, chunk, reverse, residuals, cotangents):
-    params, x_BTF, valid_BT, carry0, lengths_B, hist, acts_BTA = residuals
+    params, x_BTF, valid_BT, carry0, lengths_B, hist, acts_BTA, order_B = residuals
     d_h_BTD, d_final = cotangents
     batch, steps, _ = x_BTF.shape
     # Row b's chunk runs steps [0, span[b]); its carry before step t is in hist at the step
@@ -134,8 +148,8 @@ def _skip_bwd(cell, chunk, reverse, residuals, cotangents):
         has_before = (before < span[:rows]) if reverse else jnp.broadcast_to(t > 0, (rows,))
         earlier = _at(hist, jnp.clip(before, 0, steps - 1), rows)
         head = keep_valid(has_before, earlier, _rows(carry0, rows))
-        x, valid = _safe_x(x_BTF, valid_BT, t, rows)
-        d_head = add_to_h(d_carry, _at(d_h_BTD, t, rows))
+        x, valid = _safe_x(x_BTF, valid_BT, t, order_B, rows)
+        d_head = add_to_h(d_carry, _gather(d_h_BTD, t, order_B[:rows]))
         d_new = jax.tree_util.tree_map(lambda d: jnp.where(valid[:, None], d, 0.0), d_head)
         # hist at t is the carry after step t (for rows not running there it is the frozen
         # carry, finite, and their d_new is 0).
@@ -150,13 +164,14 @@ def _skip_bwd(cell, chunk, reverse, residuals, cotangents):
             "w_h": d_w["w_h"] + hidden_state(cell, head).T @ d_gh,
             "b_h": d_w["b_h"] + d_gh.sum(axis=0),
         }
-        return d_carry, _put(d_x, t, d_gi @ w_i_T), d_w
+        d_x = d_x.at[order_B[:rows], t].set(d_gi @ w_i_T, unique_indices=True)
+        return d_carry, d_x, d_w
 
     state = (d_final, jnp.zeros_like(x_BTF), jax.tree_util.tree_map(jnp.zeros_like, params))
     for segment in _segments(lengths_B, chunk, not reverse):
         state = _loop(segment, not reverse, body, state)
     d_carry0, d_x, d_params = state
-    return d_params, d_x, None, d_carry0, None
+    return d_params, d_x, None, d_carry0, None, None, None
 
 
 _skip = jax.custom_vjp(
@@ -166,19 +181,40 @@ _skip = jax.custom_vjp(
 _skip.defvjp(_skip_fwd, _skip_bwd)
 
 
+@jax.custom_vjp
+def _permute(a, order, inverse):
+    """a[order] along axis 0, with the gradient as a gather by `inverse` (no scatter-add)."""
+    return a[order]
+
+
+_permute.defvjp(
+    lambda a, order, inverse: (a[order], inverse), lambda inverse, g: (g[inverse], None, None)
+)
+
+
 def recur_skipping(
     cell: str, params, x_BTF, valid_BT, carry0, lengths_B, *, chunk: int, reverse: bool
 ):
     """The recurrence, input projection included, run only on chunks of rows still running.
 
-    Rows must be sorted by descending `lengths_B` (last valid step + 1). Rows are grouped in
-    chunks of `chunk`; a step is computed for a chunk while its first (longest) row runs, in one
-    loop per number of running chunks, so padded steps cost nothing. Reverse-mode only (custom
-    VJP): the backward pass accumulates the weight gradients over running rows.
+    Rows are ranked by descending `lengths_B` (last valid step + 1) and grouped in chunks of
+    `chunk`; a step is computed for a chunk while its first (longest) row runs, in one loop per
+    number of running chunks, so padded steps cost nothing. Reverse-mode only (custom VJP): the
+    backward pass accumulates the weight gradients over running rows.
     Batch-major, unlike `recur_autodiff`: each step reads and writes a few rows, and the caller
     saves two transposes. x_BTF f32[B, T, F] (any values at invalid steps: they are replaced by
-    0 and get gradient 0), valid_BT bool[B, T], carry0 f32[B, D] or (c, h), lengths_B i32[B].
-    Returns (h_BTD f32[B, T, D], final carry); h_BTD equals `recur_autodiff`'s (transposed) for
-    t < lengths_B and is undefined after it.
+    0 and get gradient 0), valid_BT bool[B, T], carry0 f32[B, D] or (c, h), lengths_B i32[B],
+    all in any row order. Returns (h_BTD f32[B, T, D], final carry) in the same order; h_BTD
+    equals `recur_autodiff`'s (transposed) for t < lengths_B and is undefined after it.
     """
-    return _skip(cell, chunk, reverse, params, x_BTF, valid_BT, carry0, lengths_B)
+    order = jnp.argsort(-lengths_B, stable=True)
+    inverse = jnp.argsort(order)
+
+    def sort(tree, by=order, undo=inverse):
+        return jax.tree_util.tree_map(lambda a: _permute(a, by, undo), tree)
+
+    # Only the small arrays are sorted here; x, the outputs and their gradients stay in the
+    # caller's order and the loops fetch or write their running rows by index.
+    args = (x_BTF, valid_BT[order], sort(carry0), lengths_B[order], order, inverse)
+    h_BTD, final = _skip(cell, chunk, reverse, params, *args)
+    return h_BTD, sort(final, inverse, order)

@@ -5,11 +5,13 @@
   python launch.py --config=experiments/fcn_segmentation.py --sweep=loss.keep_prob=1.0,0.5,0.25
   python launch.py --list                                              # experiments and presets
 
-Re-running the same command resumes from the workdir's newest intact checkpoint. The resolved
-config is written to `WORKDIR/config.json` and the process/device counts to `topology.json`; a
-resume that differs in a key that changes numerics or data order, or in topology, stops with a
-diff (pass --allow_config_change to go on anyway). SIGTERM (a preemption notice) saves a
-checkpoint at the same step on every process and exits 0.
+Re-running the same command resumes from the workdir's newest intact checkpoint. A run holds the
+workdir's lock (`WORKDIR/run.lock`) from start to exit, so a second launch into it fails at once
+naming the holder (--wait_for_workdir_s waits for it instead). The resolved config is written to
+`WORKDIR/config.json` and the process/device counts to `topology.json`, and both travel inside
+every checkpoint; a resume that differs in a key that changes numerics or data order, or in
+topology, stops with a diff (pass --allow_config_change to go on anyway). SIGTERM (a preemption
+notice) saves a checkpoint at the same step on every process and exits 0.
 
 Multi-host (one command per host; JAX detects the flags on TPU pods, SLURM and Open MPI):
   python launch.py --config=... --workdir=SHARED_DIR --coordinator_address=HOST0:PORT \
@@ -61,6 +63,9 @@ flags.DEFINE_integer("heartbeat_timeout_s", 100, "Multi-host: a process that sen
 flags.DEFINE_integer("initialization_timeout_s", 300, "Multi-host: how long to wait for every "
                      "process to join at start-up.")
 flags.DEFINE_bool("verbose_errors", False, "Show full tracebacks for configuration errors.")
+flags.DEFINE_integer("wait_for_workdir_s", 0, "When another live run holds the workdir's lock, "
+                     "wait up to this many seconds for it to end (a re-queued job whose "
+                     "predecessor is still saving) instead of failing at once.")
 
 
 def _existing() -> dict[str, str]:
@@ -162,15 +167,26 @@ def topology() -> dict[str, int]:
           "data_workers": jax.process_count()}
 
 
+def lock_workdir(workdir: str):
+  """The workdir's lock, taken by process 0 for every process (`maskax.workdir_lock`)."""
+  import jax
+  from maskax import workdir_lock
+  return workdir_lock.hold(workdir, wait_s=FLAGS.wait_for_workdir_s,
+                           is_holder=jax.process_index() == 0,
+                           process_count=jax.process_count())
+
+
 def run_one(module, config, workdir: str) -> dict:
-  """Writes (or checks) the resolved config, then runs the experiment in `workdir`."""
+  """Locks `workdir`, writes (or checks) the resolved config, then runs the experiment."""
   import jax
   from maskax import runs
-  runs.write_config(workdir, config.to_dict(), safe=getattr(module, "RESUME_SAFE_KEYS", ()),
-                    pinned=getattr(module, "RESUME_PINNED_KEYS", ()),
-                    allow_change=FLAGS.allow_config_change,
-                    is_writer=jax.process_index() == 0, topology=topology())
-  return module.run(config, workdir)
+  runs.check_values(config.to_dict())
+  with lock_workdir(workdir):
+    runs.write_config(workdir, config.to_dict(), safe=getattr(module, "RESUME_SAFE_KEYS", ()),
+                      pinned=getattr(module, "RESUME_PINNED_KEYS", ()),
+                      allow_change=FLAGS.allow_config_change,
+                      is_writer=jax.process_index() == 0, topology=topology())
+    return module.run(config, workdir)
 
 
 def run_sweep(module, config, workdir: str, spec: str) -> None:
@@ -178,9 +194,8 @@ def run_sweep(module, config, workdir: str, spec: str) -> None:
   import jax
   from maskax import progress, report, runs
   key, values = runs.parse_sweep(spec, config.to_dict())
-  finals, histories = [], []
-  for value in values:
-    sub = os.path.join(workdir, runs.sweep_dirname(key, value))
+  cells = []
+  for value in values:  # every cell's values are checked before the first one trains
     cfg = config.copy_and_resolve_references()
     with cfg.unlocked():
       node = cfg
@@ -188,17 +203,22 @@ def run_sweep(module, config, workdir: str, spec: str) -> None:
       for p in parents:
         node = node[p]
       node[leaf] = value
-    logging.info("sweep %s=%r -> %s", key, value, sub)
-    finals.append((value, run_one(module, cfg, sub)))
-    histories.append((value, progress.read_metrics(sub)))
-  if jax.process_index() == 0:
-    columns = getattr(module, "REPORT_METRICS", None)
-    md, csv_path = report.write_tables(workdir, key, finals, columns)
-    png = report.plot_sweep(os.path.join(workdir, "results.png"), key, histories,
-                            columns or report.default_metrics(histories))
-    with open(md) as f:
-      print(f.read())
-    print(f"wrote {md}, {csv_path}, {png}")
+    runs.check_values(cfg.to_dict())
+    cells.append((value, cfg, os.path.join(workdir, runs.sweep_dirname(key, value))))
+  finals, histories = [], []
+  with lock_workdir(workdir):  # the sweep's own files (results.*); each run locks its folder
+    for value, cfg, sub in cells:
+      logging.info("sweep %s=%r -> %s", key, value, sub)
+      finals.append((value, run_one(module, cfg, sub)))
+      histories.append((value, progress.read_metrics(sub)))
+    if jax.process_index() == 0:
+      columns = getattr(module, "REPORT_METRICS", None)
+      md, csv_path = report.write_tables(workdir, key, finals, columns)
+      png = report.plot_sweep(os.path.join(workdir, "results.png"), key, histories,
+                              columns or report.default_metrics(histories))
+      with open(md) as f:
+        print(f.read())
+      print(f"wrote {md}, {csv_path}, {png}")
 
 
 class _QuietLibraries:

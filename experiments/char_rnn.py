@@ -209,7 +209,10 @@ def make_evaluator(model, vocab, held_out, config, mesh, workdir):
   if d.eval_streams % mesh.size:
     raise ValueError(f"data.eval_streams={d.eval_streams} must be a multiple of the number of "
                      f"devices ({mesh.size}).")
-  layout = chars.stream_windows(ids, d.eval_streams, d.eval_seq_len)
+  layout = chars.stream_windows(
+      ids, d.eval_streams, d.eval_seq_len, what="the held-out text",
+      fix=(f"raise data.eval_fraction={d.eval_fraction}, or lower data.eval_streams"
+           f"={d.eval_streams} or data.eval_seq_len={d.eval_seq_len}"))
   rows = sharding.process_slice(d.eval_streams)
   layout = sharding.shard_batch({k: v[rows] for k, v in layout.items()}, mesh)
   xent = jax.jit(functools.partial(char_rnn.stream_xent, model))
@@ -343,7 +346,10 @@ def generate_mode(config, workdir, model, vocab, train_ids, held_out, mesh) -> d
     return out
   # Reset vs carried: B held-out segments of context + continuation, one per stream.
   C, L, B = config.context_chars, config.length, config.data.eval_streams
-  layout = chars.stream_windows(held_out, B, C + L)
+  layout = chars.stream_windows(
+      held_out, B, C + L, what="the held-out text for generation",
+      fix=(f"raise data.eval_fraction, or lower data.eval_streams={B}, context_chars={C} or "
+           f"length={L}"))
   segments = np.concatenate([layout["inputs"][:, 0], layout["targets"][:, 0, -1:]], axis=1)
   bpc = jax.device_get(jax.jit(continuation_bpc, static_argnums=(0, 3))(
       model, params, segments, C))

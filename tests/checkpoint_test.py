@@ -31,6 +31,10 @@ def _reopen(directory):
   return ckpt_lib.Checkpointer(str(directory), every=2, keep=3)
 
 
+def _quick_retries(directory):
+  return ckpt_lib.Checkpointer(str(directory), every=2, keep=3, read_backoff_s=(0.05,))
+
+
 def _abstract():
   return ckpt_lib.abstract_like(_state(0))
 
@@ -131,13 +135,21 @@ def test_agree_makes_every_process_fall_back_together(tmp_path):
   directory = _saved(tmp_path)
   votes = []
 
-  def agree(bad):  # another process found step 4 bad; this one found it intact
-    votes.append(bad)
-    return True if len(votes) == 1 else bad
+  def agree(flag):  # per step: a read-error vote, then a damage vote
+    votes.append(flag)
+    return True if len(votes) == 2 else flag  # another process found step 4 damaged
 
   restored = _reopen(directory).restore_latest(_abstract(), agree=agree)
-  assert votes == [False, False]
+  assert votes == [False, False, False, False]
   assert restored[1] == {"position": 2}
+
+
+def test_agree_makes_every_process_stop_on_another_process_read_error(tmp_path):
+  directory = _saved(tmp_path)
+  checkpointer = _quick_retries(directory)
+  with pytest.raises(ckpt_lib.CheckpointReadError, match="another process could not read it"):
+    checkpointer.restore_latest(_abstract(), agree=lambda flag: True)
+  assert sorted(os.listdir(directory)) == ["2", "4"]
 
 
 def test_empty_workdir_restores_nothing(tmp_path):
@@ -167,3 +179,100 @@ def test_checkpoint_saved_before_checksums_restores_unverified(tmp_path, caplog)
     state, data, _ = _reopen(tmp_path / "ckpt").restore_latest(_abstract())
   assert data == {"position": 2} and np.array_equal(state["w"], _state(2)["w"])
   assert "before maskax stored checksums" in caplog.text
+
+
+def test_json_items_are_snapshots_while_the_loop_goes_on(tmp_path):
+  # The loop mutates its dicts right after `save` returns, while orbax writes them in the
+  # background; every kept checkpoint must still match its checksums.
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), every=1, keep=100)
+  loop = {"elapsed": 0.0, "nonfinite_steps": [], "log_sums": {"loss": [[0.0, "float32"]]}}
+  data = {"position": 0, "order": [0]}
+  for step in range(1, 31):
+    loop["elapsed"] = float(step)
+    data["position"] = step
+    checkpointer.save(step, _state(step), data, loop)
+    loop["elapsed"] += 0.5  # what train.py did: mutate after handing the dicts over
+    loop["nonfinite_steps"].append(step)
+    loop["log_sums"]["loss"][0][0] = float(step) * 7
+    data["order"].append(step)
+  checkpointer.close()
+  reopened = _reopen(tmp_path / "ckpt")
+  assert reopened.all_steps() == list(range(1, 31))
+  for step in reopened.all_steps():
+    _, data_saved, loop_saved = reopened.restore(_abstract(), step)
+    assert loop_saved["elapsed"] == float(step) and data_saved["position"] == step
+    assert loop_saved["nonfinite_steps"] == list(range(1, step))
+
+
+def test_a_nonfinite_state_is_never_saved(tmp_path):
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), every=1, keep=3)
+  bad = _state(1)
+  bad["w"] = bad["w"].at[3].set(jnp.nan)
+  with pytest.raises(ValueError, match="non-finite values in w"):
+    checkpointer.save(1, bad, {}, {})
+  checkpointer.close()
+  assert _reopen(tmp_path / "ckpt").all_steps() == []
+
+
+def _make_unreadable(path):
+  """Puts a UNIX socket where the file was: open() fails with ENXIO even for root (chmod 000
+  does not stop root, which CI runs as). Returns a function that puts the file back."""
+  import socket
+  content = path.read_bytes()
+  os.remove(path)
+  sock = socket.socket(socket.AF_UNIX)
+  sock.bind(str(path))
+
+  def restore():
+    sock.close()
+    os.remove(path)
+    path.write_bytes(content)
+  return restore
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_read_error_stops_the_run_and_moves_nothing(tmp_path, caplog):
+  directory = _saved(tmp_path)
+  put_back = _make_unreadable(directory / "4" / "data" / "metadata")
+  with caplog.at_level(logging.WARNING), pytest.raises(ckpt_lib.CheckpointReadError) as error:
+    _quick_retries(directory).restore_latest(_abstract())
+  message = str(error.value)
+  assert "step 4 could not be read after 4 attempts" in message
+  assert "data/metadata" in message and "Nothing was moved" in message
+  assert caplog.text.count("read error, retrying") == ckpt_lib.READ_ATTEMPTS - 1
+  assert sorted(os.listdir(directory)) == ["2", "4"]  # nothing set aside, no fall back to 2
+  put_back()
+  assert _reopen(directory).restore_latest(_abstract())[1] == {"position": 4}
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_transient_read_error_is_retried_and_the_newest_checkpoint_restores(tmp_path):
+  import threading
+  directory = _saved(tmp_path)
+  put_back = _make_unreadable(directory / "4" / "loop" / "metadata")
+  checkpointer = ckpt_lib.Checkpointer(str(directory), every=2, keep=3, read_backoff_s=(1.0,))
+  timer = threading.Timer(0.3, put_back)  # the mount comes back during the first pause
+  timer.start()
+  try:
+    _, data, loop = checkpointer.restore_latest(_abstract())
+  finally:
+    timer.join()
+  assert data == {"position": 4} and loop == {"elapsed": 4.0}
+  assert sorted(os.listdir(directory)) == ["2", "4"]
+
+
+def test_unreadable_file_reports_present_files_only(tmp_path):
+  (tmp_path / "a").write_text("x")
+  assert ckpt_lib.unreadable_file(str(tmp_path)) is None
+  assert ckpt_lib.unreadable_file(str(tmp_path / "missing")) is None
+  _make_unreadable(tmp_path / "a")
+  assert ckpt_lib.unreadable_file(str(tmp_path)).startswith(str(tmp_path / "a") + ": ")
+
+
+def test_read_loop_reads_the_loop_item_alone_and_verifies_it(tmp_path):
+  directory = _saved(tmp_path)
+  assert _reopen(directory).read_loop(4) == {"elapsed": 4.0}
+  path = directory / "4" / "loop" / "metadata"
+  path.write_text(path.read_text().replace("4.0", "5.0"))
+  with pytest.raises(ckpt_lib.CorruptCheckpointError, match="loop item"):
+    _reopen(directory).read_loop(4)

@@ -26,12 +26,24 @@ def _losses(workdir):
     ([SMOKE, "--config.train.stepz=3"], "stepz"),
     ([SMOKE, "--config.train.steps=many"], "steps"),
     ([SMOKE, "--sweep=train.nope=1,2"], "unknown config key 'train.nope'"),
+    ([SMOKE, "--config.train.learning_rate=nan"], "train.learning_rate=nan must be a finite"),
+    (["--config=experiments/char_rnn.py:smoke", "--config.train.steps=-3"],
+     "train.steps=-3 must be an integer"),
+    (["--config=experiments/char_rnn.py:smoke", "--config.train.batch_size=0"],
+     "train.batch_size=0 must be a positive integer"),
 ])
 def test_bad_input_exits_nonzero_naming_the_problem(args, expected, tmp_path):
   proc = launch(*args, f"--workdir={tmp_path}/w")
   assert proc.returncode != 0
   assert expected in proc.stderr + proc.stdout, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
+
+
+def test_every_sweep_cell_is_checked_before_the_first_trains(tmp_path):
+  proc = launch(SMOKE, f"--workdir={tmp_path}/w", "--sweep=train.learning_rate=0.01,-1")
+  assert proc.returncode == 1
+  assert "train.learning_rate=-1.0 must be a finite number > 0" in proc.stderr
+  assert not os.path.exists(tmp_path / "w")  # the valid first cell did not start
 
 
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
@@ -86,11 +98,11 @@ def test_resume_with_changed_numerics_stops_with_a_diff(tmp_path):
 def test_nonfinite_step_stops_naming_the_step(tmp_path):
   proc = launch(SMOKE, f"--workdir={tmp_path}/w", "--config.debug.inject_nonfinite_at_step=3")
   assert proc.returncode == 1
-  assert "non-finite loss or gradient at step(s) [3]" in proc.stderr
+  assert "non-finite loss, gradient or update at step(s) [3]" in proc.stderr
   proc = launch(SMOKE, f"--workdir={tmp_path}/skip", "--config.debug.inject_nonfinite_at_step=3",
                 "--config.train.on_nonfinite=skip")
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert "step 3: non-finite loss or gradient; update skipped" in proc.stderr
+  assert "step 3: non-finite loss, gradient or update; the update was skipped" in proc.stderr
 
 
 @pytest.mark.slow

@@ -107,6 +107,32 @@ def test_nonfinite_batch_leaves_state_bitwise_unchanged():
   assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(jax.device_get(out["sums"])))
 
 
+@pytest.mark.parametrize("optimizer", [
+    optax.adam(float("nan")), optax.adam(float("inf")),
+    # Finite gradients, an update that overflows float32 (what train.learning_rate=1e30 does
+    # a step or two later).
+    optax.chain(optax.scale(1e30), optax.scale(1e30)),
+], ids=["lr_nan", "lr_inf", "overflowing_update"])
+def test_nonfinite_update_is_skipped_although_loss_and_grads_are_finite(optimizer):
+  mesh = sharding.make_mesh()
+  params, _ = _init(jax.random.PRNGKey(0))
+  task = train.Task(init=_init, loss=_loss_fn("token_mean"), optimizer=optimizer,
+                    train_data=iter(()))
+  state = train.TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
+                           model_state={}, key=jax.random.PRNGKey(1))
+  before = jax.device_get(state)
+  step = make_train_step(task, train.LoopOptions(steps=1), mesh)
+  after, out = step(jax.device_put(state, sharding.replicated(mesh)),
+                    sharding.shard_batch(_batch(), mesh))
+  after = jax.device_get(after)
+  (total, _), = task.loss(params, {}, _batch(), jax.random.PRNGKey(2), train=True)[0].values()
+  assert np.isfinite(total)  # only the update is bad
+  assert not out["finite"]
+  for a, b in zip(jax.tree.leaves((after.params, after.opt_state)),
+                  jax.tree.leaves((before.params, before.opt_state))):
+    assert np.array_equal(a, b)
+
+
 def test_batch_not_divisible_by_devices_is_a_clear_error():
   with pytest.raises(ValueError, match="multiple of the device count"):
     sharding.shard_batch({"x": np.zeros((12, 2))}, sharding.make_mesh())

@@ -50,18 +50,32 @@ def json_digest(value: Any) -> str:
   return f"crc32:json:{zlib.crc32(text.encode()):08x}"
 
 
-def tree_digests(tree: Any) -> dict[str, str]:
-  """`{'params/Dense_0/kernel': digest, ...}` for every array leaf of a pytree."""
+def host_leaves(tree: Any) -> dict[str, np.ndarray]:
+  """`{'params/Dense_0/kernel': array, ...}`: every array leaf of a pytree, copied to the host."""
   pairs = jax.tree_util.tree_leaves_with_path(tree)
   host = jax.device_get([_fetchable(x) for _, x in pairs])  # one batched transfer
-  return {jax.tree_util.keystr(path, simple=True, separator="/"): _digest(np.asarray(x))
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(x)
           for (path, _), x in zip(pairs, host)}
 
 
-def record(state: Any, data: Any, loop: Any) -> dict:
-  """The integrity item saved with a checkpoint of `(state, data, loop)`."""
-  return {"version": VERSION, "state": tree_digests(state), "data": json_digest(data),
-          "loop": json_digest(loop)}
+def tree_digests(tree: Any, *, host: dict[str, np.ndarray] | None = None) -> dict[str, str]:
+  """`{'params/Dense_0/kernel': digest, ...}` for every array leaf of a pytree."""
+  host = host_leaves(tree) if host is None else host
+  return {name: _digest(x) for name, x in host.items()}
+
+
+def nonfinite(host: dict[str, np.ndarray]) -> list[str]:
+  """Names of the floating-point leaves of `host_leaves(...)` that hold a NaN or an infinity."""
+  return [name for name, x in host.items()
+          if jax.dtypes.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x))]
+
+
+def record(state: Any, data: Any, loop: Any, *,
+           host: dict[str, np.ndarray] | None = None) -> dict:
+  """The integrity item saved with a checkpoint of `(state, data, loop)`; `host` reuses a
+  `host_leaves(state)` already fetched."""
+  return {"version": VERSION, "state": tree_digests(state, host=host),
+          "data": json_digest(data), "loop": json_digest(loop)}
 
 
 def mismatches(expected: Mapping[str, Any], state: Any, data: Any, loop: Any) -> list[str]:

@@ -19,12 +19,37 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """All records of `workdir/metrics.jsonl` (empty list when there is none)."""
-  path = os.path.join(workdir, METRICS_FILE)
+  """All records of `workdir/metrics.jsonl` (empty list when there is none).
+
+  A last line that does not parse is what a kill in the middle of a write leaves: it is dropped
+  with a warning (the resumed run logs that step again). A bad line anywhere else is damage
+  that dropping would hide, so it raises a ValueError naming the file and line.
+  """
+  return _read_records(os.path.join(workdir, METRICS_FILE))[0]
+
+
+def _read_records(path: str) -> tuple[list[dict], bool]:
+  """`(records, torn)`: torn says that a torn last line was dropped."""
   if not os.path.exists(path):
-    return []
+    return [], False
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+  # Without its newline, the last line would be glued to the next record appended.
+  records, torn = [], bool(lines) and not lines[-1][1].endswith("\n")
+  for i, (number, line) in enumerate(lines):
+    try:
+      record = json.loads(line)
+      if not isinstance(record, dict):
+        raise json.JSONDecodeError("not a JSON object", line, 0)
+      records.append(record)
+    except json.JSONDecodeError as e:
+      if i + 1 < len(lines):
+        raise ValueError(f"{path}, line {number}, is not valid JSON ({e.msg}); fix or delete "
+                         "that line, then run again.") from None
+      logging.warning("%s: dropped a torn last line (%d characters), as left by a process "
+                      "killed while writing it.", path, len(line.rstrip("\n")))
+      torn = True
+  return records, torn
 
 
 class MetricWriter:
@@ -39,11 +64,14 @@ class MetricWriter:
   def _truncate_after(self, step: int) -> None:
     # A killed run may have logged steps past its last checkpoint; the resumed run recomputes
     # them, so drop those lines to keep one record per (step, kind).
-    records = read_metrics(os.path.dirname(self.path))
+    # A torn last line is dropped by read_metrics; rewriting then repairs the file.
+    records, torn = _read_records(self.path)
     kept = [r for r in records if r.get("step", 0) <= step]
-    if len(kept) != len(records):
-      with open(self.path, "w") as f:
+    if torn or len(kept) != len(records):
+      tmp = f"{self.path}.tmp{os.getpid()}"
+      with open(tmp, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
+      os.replace(tmp, self.path)  # a kill during the rewrite leaves the old file whole
 
   def write(self, step: int, metrics: Mapping[str, float], *, elapsed: float) -> None:
     if not self.active:

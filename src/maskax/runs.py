@@ -2,11 +2,17 @@
 
 Plain dicts in, plain dicts out (the launcher converts its ConfigDict with `to_dict()`), so the
 library stays free of flags and ConfigDicts.
+
+The config a resume is checked against is the one saved *inside* the newest readable checkpoint
+(`read_run_record` puts it in the loop item at every save); `config.json` is only the copy a
+person reads, and the fallback for checkpoints written before the config travelled with them.
+Deleting or editing `config.json` therefore cannot make a changed run resume silently.
 """
 
 from __future__ import annotations
 
 import ast
+import math
 import json
 import os
 from typing import Any, Iterable, Mapping
@@ -61,6 +67,35 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any],
   return lines
 
 
+def read_run_record(workdir: str) -> dict[str, Any]:
+  """`{"config": ..., "topology": ...}` as the launcher wrote them to `workdir` (keys absent
+  when the files are: a run started from Python without the launcher)."""
+  record = {}
+  for key, name in (("config", CONFIG_FILE), ("topology", TOPOLOGY_FILE)):
+    value = _read_json(os.path.join(workdir, name))
+    if value is not None:
+      record[key] = value
+  return record
+
+
+def checkpoint_run_record(workdir: str) -> tuple[dict[str, Any], int] | None:
+  """The run record saved in the newest checkpoint that has a verified one, and its step."""
+  from maskax import checkpoint as ckpt_lib  # orbax: only when there is a checkpoint to read
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1,
+                                       reader=True)
+  try:
+    for step in reversed(checkpointer.all_steps()):
+      try:
+        loop = checkpointer.read_loop(step)
+      except (ckpt_lib.CorruptCheckpointError, ckpt_lib.CheckpointReadError):
+        continue  # the resume itself reports damage and read errors
+      if isinstance(loop, dict) and "config" in loop:
+        return {k: loop[k] for k in ("config", "topology") if k in loop}, step
+    return None
+  finally:
+    checkpointer.close()
+
+
 def has_checkpoint(workdir: str) -> bool:
   path = os.path.join(workdir, "checkpoints")
   return os.path.isdir(path) and any(n.isdigit() for n in os.listdir(path))
@@ -95,16 +130,22 @@ def write_config(workdir: str, config: Mapping[str, Any], *, safe: Iterable[str]
   """
   path = os.path.join(workdir, CONFIG_FILE)
   topo_path = os.path.join(workdir, TOPOLOGY_FILE)
-  stored = _read_json(path)
-  if stored is not None and has_checkpoint(workdir):
-    diff = config_diff(stored, config, safe, pinned)
-    stored_topology = _read_json(topo_path)
-    if topology is not None and stored_topology is not None:  # None: written before pinning
-      diff += config_diff({"topology": stored_topology}, {"topology": topology}, ())
+  if has_checkpoint(workdir):
+    saved = checkpoint_run_record(workdir)
+    if saved is not None:
+      stored, source = saved[0], f"the config saved in checkpoint {saved[1]}"
+    else:  # checkpoints from before the config was saved in them
+      stored, source = read_run_record(workdir), CONFIG_FILE
+    diff = []
+    if "config" in stored:
+      diff = config_diff(stored["config"], config, safe, pinned)
+    # No stored topology: written before pinning.
+    if topology is not None and stored.get("topology") is not None:
+      diff += config_diff({"topology": stored["topology"]}, {"topology": topology}, ())
     if diff and not allow_change:
       raise ConfigChangedError(
-          f"{workdir} holds a run with a different config; resuming would mix two experiments:\n"
-          + "\n".join(diff)
+          f"{workdir} holds a run with a different config ({source}); resuming would mix two"
+          " experiments:\n" + "\n".join(diff)
           + "\nUse a new --workdir, restore those values, or pass --allow_config_change.")
   if is_writer:
     try:
@@ -115,6 +156,40 @@ def write_config(workdir: str, config: Mapping[str, Any], *, safe: Iterable[str]
     except OSError as e:
       raise PermissionError(f"cannot write to workdir {workdir!r} ({e.strerror}); pick a "
                             "writable --workdir.") from None
+
+
+def _positive_finite(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _non_negative_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+# Values that no experiment can train with, checked before anything is built so that the error
+# names the config key (not an optax or data argument deep inside). key -> (test, requirement).
+_VALUE_RULES = {
+    "train.learning_rate": (_positive_finite, "a finite number > 0"),
+    "train.steps": (_non_negative_int, "an integer > 0 (0 only where the experiment derives "
+                    "it, e.g. char_rnn from train.tokens_budget)"),
+    "train.warmup_steps": (_non_negative_int, "an integer >= 0"),
+    "train.weight_decay": (lambda v: _positive_finite(v) or v == 0, "a finite number >= 0"),
+    "train.grad_clip": (lambda v: _positive_finite(v) or v == 0, "a finite number >= 0 (0: none)"),
+}
+
+
+def check_values(config: Mapping[str, Any]) -> None:
+  """Raises a ValueError naming the key for a config value no run can use (a NaN, infinite or
+  non-positive learning rate, negative steps, a batch of no rows, ...)."""
+  flat = flatten(config)
+  for key, (ok, requirement) in _VALUE_RULES.items():
+    if key in flat and not ok(flat[key]):
+      raise ValueError(f"{key}={flat[key]!r} must be {requirement}; set "
+                       f"--config.{key}=VALUE.")
+  batch = flat.get("train.batch_size")
+  if batch is not None and not (batch > 0 or flat.get("train.batch_chars", 0) > 0):
+    raise ValueError(f"train.batch_size={batch!r} must be a positive integer (rows per global "
+                     "batch); set --config.train.batch_size=VALUE.")
 
 
 def parse_sweep(spec: str, config: Mapping[str, Any]) -> tuple[str, list[Any]]:

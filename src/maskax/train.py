@@ -31,6 +31,7 @@ from absl import logging
 from maskax import checkpoint as ckpt_lib
 from maskax import preemption
 from maskax import progress as progress_lib
+from maskax import runs
 from maskax import sharding as sharding_lib
 from maskax.losses import safe_div
 from maskax.preemption import Preempted  # noqa: F401  (re-exported: train.Preempted)
@@ -109,7 +110,7 @@ class LoopOptions:
 
 
 class NonFiniteError(RuntimeError):
-  """Too many steps had a non-finite loss or gradient."""
+  """Too many steps had a non-finite loss, gradient or update."""
 
 
 def sums_to_metrics(sums: Pairs, prefix: str = "") -> dict[str, float]:
@@ -180,6 +181,15 @@ def init_or_restore(task: Task, seed: int, mesh, checkpointer):
   return init(key), None, {"elapsed": 0.0, "nonfinite_steps": []}
 
 
+def _last_training_record(workdir: str) -> dict[str, float]:
+  """The training metrics of the last log step in `workdir/metrics.jsonl` (those without
+  `eval/`), so that re-running a finished run reports its training loss again."""
+  for record in reversed(progress_lib.read_metrics(workdir)):
+    if "loss" in record:
+      return {k: v for k, v in record.items() if k not in ("step", "time")}
+  return {}
+
+
 def train(task: Task, options: LoopOptions, workdir: str, *, seed: int,
           mesh=None) -> tuple[TrainState, dict[str, float]]:
   """Trains to `options.steps`, resuming from `workdir` if it holds a checkpoint.
@@ -209,6 +219,10 @@ def _run(task, options, workdir, seed, mesh, checkpointer, stop_signal):
   eval_step = make_eval_step(task, mesh)
   stop_flags = {flag: sharding_lib.process_flag(flag, mesh) for flag in (False, True)}
   writer = progress_lib.MetricWriter(workdir, resume_step=step)
+  # Every checkpoint carries the run's resolved config and topology (what the launcher wrote
+  # to the workdir), so a resume can be checked against the checkpoint itself even when
+  # config.json was deleted or edited (`runs.write_config`).
+  loop.update(runs.read_run_record(workdir))
   progress = progress_lib.Progress(options.steps, step)
   final: dict[str, float] = {}
   sums, pending, stop = _sums_from_json(loop.get("log_sums")), None, False
@@ -220,15 +234,16 @@ def _run(task, options, workdir, seed, mesh, checkpointer, stop_signal):
     finite, stop_vote = jax.device_get((finite, stop_vote))
     if not finite:
       loop["nonfinite_steps"].append(pending_step)
-      logging.warning("step %d: non-finite loss or gradient; update skipped, parameters "
-                      "unchanged.", pending_step)
+      logging.warning("step %d: non-finite loss, gradient or update; the update was skipped "
+                      "and the parameters and optimizer state left unchanged.", pending_step)
       if (options.on_nonfinite == "stop"
           and len(loop["nonfinite_steps"]) >= options.max_nonfinite_steps):
         raise NonFiniteError(
-            f"non-finite loss or gradient at step(s) {loop['nonfinite_steps']}: those updates"
-            " were skipped and the parameters left unchanged; stopping after"
+            f"non-finite loss, gradient or update at step(s) {loop['nonfinite_steps']}: those"
+            " updates were skipped, so the parameters, optimizer state and every checkpoint stay"
+            " finite; stopping after"
             f" train.max_nonfinite_steps={options.max_nonfinite_steps}. Inspect the data and"
-            " the learning rate at that step, or pass --config.train.on_nonfinite=skip.")
+            " train.learning_rate at that step, or pass --config.train.on_nonfinite=skip.")
     return bool(stop_vote)
 
   while step < options.steps:
@@ -266,6 +281,6 @@ def _run(task, options, workdir, seed, mesh, checkpointer, stop_signal):
     if stop and step < options.steps:
       logging.warning("preemption notice (SIGTERM): saved step %d, stopping.", step)
       raise preemption.Preempted(step, workdir)
-  if not final:  # resumed a finished run: report its evaluation again
-    final = evaluate(task, state, eval_step, mesh)
+  if not final:  # resumed a finished run: report its last training metrics and evaluation
+    final = {**_last_training_record(workdir), **evaluate(task, state, eval_step, mesh)}
   return state, final

@@ -2,7 +2,9 @@
 
 `train_step(state, batch) -> (state, out)` is pure; it is compiled once with the state
 replicated and donated and the batch split over the `data` axis. `out` holds
-  finite  bool[]: the loss and every gradient were finite (else the update was skipped);
+  finite  bool[]: the loss, every gradient and the updated parameters, optimizer state and
+          model state were all finite (else the whole update was skipped: a NaN or infinite
+          learning rate, or an update that overflows, is caught here, not only a bad loss);
   sums    {name: (total, weight)} of every loss term and metric, plus `loss` as (value, 1),
           so a log interval reports sum(total) / sum(weight).
 With `stop_vote=True` the step also takes `stop_flags` (`sharding.process_flag`, bool[D]) and
@@ -28,7 +30,9 @@ def _objective(terms) -> jax.Array:
 
 
 def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  # Integer leaves (step counters) are always finite; typed PRNG keys cannot be tested.
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
@@ -97,9 +101,12 @@ def make_train_step(task, options, mesh, *, stop_vote: bool = False):
     else:
       loss, grads, terms, metrics, model_state = _accumulated_grads(
           task, state, batch, key, options.grad_accum_steps)
-    finite = jnp.isfinite(loss) & _all_finite(grads)
     updates, opt_state = task.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # The new state is checked too: a finite gradient times a NaN, inf or huge learning rate
+    # gives a non-finite update that would otherwise be applied and checkpointed.
+    finite = (jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params)
+              & _all_finite(opt_state) & _all_finite(model_state))
     keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = state.replace(
         step=state.step + 1,

@@ -111,22 +111,25 @@ def windows(ids: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
   return {"inputs": cut[:, :-1], "targets": cut[:, 1:]}
 
 
-def stream_windows(ids: np.ndarray, num_streams: int, seq_len: int) -> dict[str, np.ndarray]:
+def stream_windows(ids: np.ndarray, num_streams: int, seq_len: int, *,
+                   what: str = "the training text",
+                   fix: str = "lower train.batch_size or data.seq_len, or give a longer text"
+                   ) -> dict[str, np.ndarray]:
   """The text as `num_streams` contiguous streams of windows: {inputs, targets: i32[B, K, T]}.
 
   ids: i32[N]. Stream b starts at character b * L with L = (N - 1) // B; window k of stream b is
   ids[bL + kT : bL + kT + T + 1] (inputs/targets as in `windows`), so
   inputs[b, k + 1, 0] == targets[b, k, -1]: window k + 1 continues window k. K = L // T; the
-  last L - K*T characters of each stream are dropped.
+  last L - K*T characters of each stream are dropped. `what` and `fix` name the text and the
+  settings in the error raised when it is too short (the caller knows which config keys count).
   """
   ids = np.asarray(ids, np.int32)
   if num_streams < 1:
-    raise ValueError(f"num_streams={num_streams} must be >= 1.")
+    raise ValueError(f"{what}: {num_streams} streams requested; {fix}.")
   stride = (len(ids) - 1) // num_streams
   if stride < seq_len:
-    raise ValueError(f"{len(ids)} characters split into {num_streams} streams leaves "
-                     f"{stride} per stream, fewer than seq_len={seq_len}; lower the batch size "
-                     "or seq_len, or give a longer text.")
+    raise ValueError(f"{what}: {len(ids)} characters split into {num_streams} streams leaves "
+                     f"{stride} per stream, fewer than the {seq_len} needed; {fix}.")
   count = stride // seq_len
   starts = (np.arange(num_streams)[:, None, None] * stride
             + np.arange(count)[None, :, None] * seq_len

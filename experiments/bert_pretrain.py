@@ -242,14 +242,16 @@ def make_model(config, vocab_size: int) -> bert.Bert:
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-  """AdamW with linear warmup to train.learning_rate, linear decay to 0 at train.steps."""
+  """AdamW with linear warmup to train.learning_rate, linear decay to 0 at train.steps; no
+  weight decay on LayerNorm parameters and biases (`bert.weight_decay_mask`), as BERT."""
   t = config.train
   schedule = optax.join_schedules(
       [optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps),
        optax.linear_schedule(t.learning_rate, 0.0, max(t.steps - t.warmup_steps, 1))],
       [t.warmup_steps])
   return optax.chain(optax.clip_by_global_norm(t.grad_clip),
-                     optax.adamw(schedule, weight_decay=t.weight_decay))
+                     optax.adamw(schedule, weight_decay=t.weight_decay,
+                                 mask=bert.weight_decay_mask))
 
 
 def init_fn(model, config):

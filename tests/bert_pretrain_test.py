@@ -119,3 +119,22 @@ def test_smoke_trains_checkpoints_and_resumes(tmp_path):
   proc = launch(*args, "--config.train.steps=6", "--allow_config_change", check=True)
   assert "resumed at step 4" in proc.stderr
   assert os.path.isdir(tmp_path / "checkpoints" / "6")
+
+
+def test_weight_decay_spares_layer_norm_and_biases(setup):
+  """With zero gradients AdamW's update is the decay alone: LayerNorm parameters and biases must
+  not move, every kernel and embedding table must shrink (google-research/bert's rule)."""
+  config, _, _, params, _ = setup
+  with config.unlocked():
+    config.train.warmup_steps = 0
+    config.train.weight_decay = 0.1
+  optimizer = bert_pretrain.make_optimizer(config)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+  moved = {jax.tree_util.keystr(path): bool(jnp.any(u != 0))
+           for path, u in jax.tree_util.tree_leaves_with_path(updates)}
+  spared = [k for k in moved if k.endswith(("['bias']", "['scale']", "['output_bias']"))]
+  assert spared and not any(moved[k] for k in spared), [k for k in spared if moved[k]]
+  decayed = [k for k in moved if k not in spared]
+  assert any("embedding" in k for k in decayed) and any("kernel" in k for k in decayed)
+  assert all(moved[k] for k in decayed), [k for k in decayed if not moved[k]]

@@ -212,6 +212,13 @@ class Checkpointer:
                                    "checksum")
     return restored.loop
 
+  def read_integrity(self, step: int) -> dict:
+    """The integrity record of `step` (to verify a partial restore of its arrays)."""
+    restored = self._read(step, dict(integrity=ocp.args.JsonRestore()))
+    if not isinstance(restored.integrity, dict):
+      raise CorruptCheckpointError(f"{self._step_path(step)} has no integrity record")
+    return restored.integrity
+
   def _predates_integrity(self, step: int) -> bool:
     # Orbax records the items a save wrote; a half-copied folder lacks that record (or lists
     # `integrity`), so only a complete save from before checksums counts as old.

@@ -42,6 +42,9 @@ class BertConfig:
     initializer_range: float = 0.02
     dtype: Any = jnp.float32
     layer_norm_eps: float = 1e-12
+    # True: tanh-approximate GELU (google-research/bert `modeling.gelu`, HF "gelu_new");
+    # False: exact erf GELU (HF "gelu"), for checkpoints trained with it.
+    gelu_approximate: bool = True
 
     def __post_init__(self):
         if self.hidden % self.num_heads:
@@ -116,9 +119,8 @@ class EncoderLayer(nn.Module):
         attn = SelfAttention(cfg, name="attention")(x, input_mask, train=train)
         x = norm("attention_norm")(x + drop(attn, deterministic=not train))
         h = nn.Dense(cfg.intermediate, dtype=cfg.dtype, kernel_init=_init(cfg), name="ffn_in")(x)
-        # Tanh-approximate GELU, as google-research/bert `modeling.gelu`.
         h = nn.Dense(cfg.hidden, dtype=cfg.dtype, kernel_init=_init(cfg), name="ffn_out")(
-            nn.gelu(h)
+            nn.gelu(h, approximate=cfg.gelu_approximate)
         )
         return norm("ffn_norm")(x + drop(h, deterministic=not train))
 
@@ -133,7 +135,9 @@ class MlmHead(nn.Module):
         """h: f32[..., D] (any leading dims); embedding: f32[V, D] (tied) -> f32[..., V]."""
         cfg = self.config
         h = nn.Dense(cfg.hidden, dtype=cfg.dtype, kernel_init=_init(cfg), name="transform")(h)
-        h = nn.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="transform_norm")(nn.gelu(h))
+        h = nn.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="transform_norm")(
+            nn.gelu(h, approximate=cfg.gelu_approximate)
+        )
         bias = self.param("output_bias", nn.initializers.zeros, (cfg.vocab_size,), jnp.float32)
         # Compute-dtype inputs, f32 accumulation and result: logits feed a softmax over V.
         logits = jnp.einsum(
@@ -237,6 +241,20 @@ class Bert(nn.Module):
             nsp_logits=nsp_logits.astype(jnp.float32),
             sequence_output=x.astype(jnp.float32),
         )
+
+
+# Leaf names that AdamW's weight decay skips: google-research/bert `optimization.py` excludes
+# every "LayerNorm" and "bias" variable; here those are LayerNorm `scale`/`bias`, the Dense
+# biases and the MLM `output_bias`. Embedding tables and kernels are decayed, as there.
+_NO_DECAY = ("bias", "scale", "output_bias")
+
+
+def weight_decay_mask(params) -> Any:
+    """Pytree of bools like `params`: True where AdamW applies weight decay (for optax's
+    `adamw(..., mask=weight_decay_mask)`)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) not in _NO_DECAY, params
+    )
 
 
 def param_count(config: BertConfig) -> int:

@@ -1,0 +1,92 @@
+"""A trained run's parameters, for using them: no optimizer, data iterator or training task.
+
+`restore_params(workdir)` reads only the `params` and `model_state` arrays of one checkpoint
+(orbax partial restore: the optimizer state, often twice the parameters' size, is never read),
+checks them against the checkpoint's CRC-32 record, and returns them as host NumPy arrays with
+the run's resolved config. Host arrays fit any device count: put them on one device, replicate
+them over a mesh, or hand them to an exporter. Files an experiment keeps beside its checkpoints
+(a vocabulary, a tokenizer) are found through `Trained.workdir`.
+
+Nothing in the workdir is written: predicting or exporting never touches the training record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from maskax import checkpoint as ckpt_lib
+from maskax import integrity
+from maskax import runs
+
+# The parts of the train state a model needs at inference (`train.TrainState` field names).
+PARTS = ("params", "model_state")
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+  """What `restore_params` returns."""
+
+  params: Any  # pytree of np.ndarray, as the model's `init` made it
+  model_state: Any  # batch-norm statistics, carried RNN state, ... ({} when none)
+  step: int  # the checkpoint's step (updates applied)
+  config: dict  # the run's resolved config (nested dicts), as it trained
+  workdir: str
+
+
+def _steps(checkpoint_dir: str) -> list[int]:
+  if not os.path.isdir(checkpoint_dir):
+    return []
+  return sorted(int(n) for n in os.listdir(checkpoint_dir) if n.isdigit())
+
+
+def restore_params(workdir: str, step: int | None = None) -> Trained:
+  """The parameters and model state of `workdir`'s newest checkpoint (or of `step`).
+
+  Raises FileNotFoundError when the workdir has no checkpoint, ValueError naming the steps
+  that exist when `step` is not one of them, and `checkpoint.CorruptCheckpointError` when the
+  arrays cannot be decoded or do not match their checksums (`CheckpointReadError` when a file
+  exists but cannot be read).
+  """
+  directory = os.path.join(workdir, "checkpoints")
+  steps = _steps(directory)
+  if not steps:
+    raise FileNotFoundError(f"{workdir} holds no checkpoint: train it first (the same launch "
+                            "command with --workdir) or point --workdir at a trained run.")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise ValueError(f"{workdir} has no checkpoint at step {step}; it has steps "
+                     f"{', '.join(map(str, steps))}.")
+  path = os.path.join(directory, str(step), "state")
+  reader = ocp.PyTreeCheckpointer()
+  try:
+    tree = reader.metadata(path).item_metadata
+    wanted = {k: tree[k] for k in PARTS if tree.get(k)}  # an empty model_state is not saved
+    restored = reader.restore(path, args=ocp.args.PyTreeRestore(
+        item=wanted, partial_restore=True,
+        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)))
+  except Exception as e:  # orbax and tensorstore raise many types for missing/short files
+    unreadable = ckpt_lib.unreadable_file(path)
+    error = ckpt_lib.CheckpointReadError if unreadable else ckpt_lib.CorruptCheckpointError
+    raise error(f"{path} cannot be read ({unreadable or type(e).__name__}: "
+                f"{(str(e).strip().splitlines() or [''])[0][:200]})") from e
+  record = ckpt_lib.Checkpointer(directory, every=1, keep=1, reader=True)
+  try:
+    loop = record.read_loop(step)
+    expected = record.read_integrity(step)
+  finally:
+    record.close()
+  actual = integrity.tree_digests(restored)
+  bad = [k for k, v in actual.items() if expected.get("state", {}).get(k) != v]
+  if bad:
+    raise ckpt_lib.CorruptCheckpointError(
+        f"{path} does not match its checksums: {', '.join(bad[:5])}")
+  config = loop.get("config") or runs.read_run_record(workdir).get("config", {})
+  return Trained(params=restored["params"], model_state=restored.get("model_state", {}),
+                 step=step, config=config, workdir=workdir)

@@ -3,7 +3,17 @@
   python launch.py --config=experiments/bert_pretrain.py              # the main job
   python launch.py --config=experiments/char_rnn.py:smoke --config.train.steps=50 --workdir=runs/x
   python launch.py --config=experiments/fcn_segmentation.py --sweep=loss.keep_prob=1.0,0.5,0.25
+  python launch.py --config=experiments/example_regression.py:smoke --sweep=model.hidden=8,16 \
+      --sweep=loss.mode=token_mean,sequence_mean --seeds=3 --workdir=runs/grid  # 2x2 cells x 3
+  python launch.py --config=/any/path/my_experiment.py:smoke                    # any config file
   python launch.py --list                                              # experiments and presets
+
+--config takes any experiment file, relative to the current directory or else to the repository
+root; `--list` shows the files in experiments/ that define `get_config`. A sweep trains every
+run of its grid (each --sweep flag is one axis; --seeds=N repeats every cell with seeds 0..N-1)
+in a sub-workdir named after its values, skips runs that already finished, and writes
+results.md/.csv/.png with means and 95% intervals over seeds (see maskax.sweep, maskax.report;
+`python -m maskax.report WORKDIR` redraws them, also while the sweep runs).
 
 Re-running the same command resumes from the workdir's newest intact checkpoint. A run holds the
 workdir's lock (`WORKDIR/run.lock`) from start to exit, so a second launch into it fails at once
@@ -20,34 +30,35 @@ Multi-host (one command per host; JAX detects the flags on TPU pods, SLURM and O
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
+import math
 import os
 import sys
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-# Experiment name -> module file. The launcher imports only the one it runs.
-EXPERIMENTS = {
-    "bert_pretrain": "experiments/bert_pretrain.py",
-    "char_rnn": "experiments/char_rnn.py",
-    "padded_gru": "experiments/padded_gru.py",
-    "feature_mask": "experiments/feature_mask.py",
-    "seq2seq": "experiments/seq2seq.py",
-    "fcn_segmentation": "experiments/fcn_segmentation.py",
-    "example_regression": "experiments/example_regression.py",
-}
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.realpath(__file__))
+EXPERIMENTS_DIR = os.path.join(ROOT, "experiments")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    "config", None, "experiments/NAME.py[:preset]; override fields with --config.KEY=VALUE.",
-    lock_config=True)
+    "config", None, "PATH.py[:preset], any experiment file (relative to the current directory, "
+    "else to the repository root); override fields with --config.KEY=VALUE.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run folder (default runs/NAME/PRESET): config, metrics, "
                     "checkpoints, sweep results. Re-running resumes from it.")
 flags.DEFINE_bool("list", False, "List every experiment with its presets and purpose, then exit.")
-flags.DEFINE_string("sweep", None, "KEY=V1,V2,...: one sub-workdir per value, then a comparison "
-                    "(results.md, results.csv, results.png).")
+flags.DEFINE_multi_string("sweep", None, "KEY=V1,V2,...: one axis of a grid (repeat the flag "
+                          "for more); one sub-workdir per run, then results.md, results.csv "
+                          "and results.png in --workdir.")
+flags.DEFINE_integer("seeds", 0, "Repeat every sweep cell with seeds 0..N-1 (the same as "
+                     "--sweep=seed=0,...,N-1): the results then give mean, std and a 95% "
+                     "interval over seeds.")
+flags.DEFINE_string("baseline", None, "KEY=V[,KEY2=V2]: the sweep cell every other is compared "
+                    "with, paired by seed (default: the first cell).")
 flags.DEFINE_integer("seed", None, "Overrides config.seed.")
 flags.DEFINE_bool("allow_config_change", False, "Resume even if the config changed in a key that "
                   "alters numerics or data order.")
@@ -68,25 +79,73 @@ flags.DEFINE_integer("wait_for_workdir_s", 0, "When another live run holds the w
                      "predecessor is still saving) instead of failing at once.")
 
 
-def _existing() -> dict[str, str]:
-  return {n: p for n, p in EXPERIMENTS.items() if os.path.exists(os.path.join(ROOT, p))}
+def experiment_files() -> dict[str, str]:
+  """Name -> path of every file in experiments/ that defines `get_config` (common.py, shared
+  defaults, does not). Read with `ast`, so that listing imports no experiment (nor JAX)."""
+  found = {}
+  for name in sorted(os.listdir(EXPERIMENTS_DIR)):
+    path = os.path.join(EXPERIMENTS_DIR, name)
+    if name.endswith(".py") and any(isinstance(node, ast.FunctionDef)
+                                    and node.name == "get_config" for node in _parse(path).body):
+      found[name[:-3]] = path
+  return found
 
 
-def _load_module(name: str):
-  if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-  return importlib.import_module(f"experiments.{name}")
+def _parse(path: str) -> ast.Module:
+  with open(path) as f:
+    return ast.parse(f.read(), path)
 
 
 def list_experiments() -> str:
   """Every experiment with its presets and the question it answers."""
   lines = []
-  for name in _existing():
-    module = _load_module(name)
-    purpose = (module.__doc__ or "").strip().splitlines()[0]
-    lines.append(f"{name}: {purpose}")
-    lines += [f"    :{preset:<10} {text}" for preset, text in module.PRESETS.items()]
+  for name, path in experiment_files().items():
+    tree = _parse(path)
+    purpose = (ast.get_docstring(tree) or "").strip().splitlines()[:1]
+    lines.append(f"{name}: {''.join(purpose)}")
+    lines += [f"    :{preset:<10} {text}" for preset, text in _presets(tree, path).items()]
   return "\n".join(lines)
+
+
+def _presets(tree: ast.Module, path: str) -> dict[str, str]:
+  for node in tree.body:
+    if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "PRESETS"
+                                            for t in node.targets):
+      try:
+        return ast.literal_eval(node.value)
+      except ValueError:  # built by code: import the module to read it
+        return load_experiment(path).PRESETS
+  return {}
+
+
+def resolve_config_path(path: str) -> str | None:
+  """`path` relative to the current directory, else to the repository root (None: neither)."""
+  for candidate in (path, os.path.join(ROOT, path)):
+    if os.path.isfile(candidate):
+      return os.path.realpath(candidate)
+  return None
+
+
+def load_experiment(path: str):
+  """The module of the config file `path`.
+
+  A file in experiments/ is imported as `experiments.NAME`, the module tests and benchmarks
+  import too; any other file under a name of its own. The repository root goes on sys.path
+  either way, so that a config file anywhere can `from experiments import common`.
+  """
+  if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+  path = os.path.realpath(path)
+  name = os.path.splitext(os.path.basename(path))[0]
+  if os.path.dirname(path) == os.path.realpath(EXPERIMENTS_DIR):
+    return importlib.import_module(f"experiments.{name}")
+  module_name = f"maskax_config_{name}"
+  if module_name not in sys.modules:
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickle look modules up by name
+    spec.loader.exec_module(module)
+  return sys.modules[module_name]
 
 
 def _config_arg(argv) -> str | None:
@@ -98,28 +157,45 @@ def _config_arg(argv) -> str | None:
   return None
 
 
-def _name_and_preset(value: str) -> tuple[str, str]:
-  path, _, preset = value.partition(":")
-  return os.path.splitext(os.path.basename(path))[0], preset
+def _with_config_arg(argv, value: str) -> list[str]:
+  """A copy of `argv` whose --config (`--config=V` or `--config V`) holds `value`."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith("--config="):
+      out[i] = f"--config={value}"
+      break
+    if arg == "--config" and i + 1 < len(out):
+      out[i + 1] = value
+      break
+  return out
 
 
-def precheck_config_arg(argv) -> None:
-  """Exits with a list of what exists when --config names a missing experiment or preset."""
+def precheck_config_arg(argv) -> list[str]:
+  """`argv` with --config's file made absolute (ml_collections reads it relative to the current
+  directory only); exits with what exists when --config names a missing file, preset or key."""
   value = _config_arg(argv)
   if value is None:
-    return
-  path = value.partition(":")[0]
-  name, preset = _name_and_preset(value)
-  known = _existing()
-  if name not in known or not os.path.exists(path):
-    sys.exit(f"error: unknown experiment {path!r}. Experiments: "
-             + ", ".join(f"experiments/{n}.py" for n in known) + " (see --list).")
-  module = _load_module(name)
-  if preset and preset not in module.PRESETS:
+    return list(argv)
+  path, _, preset = value.partition(":")
+  resolved = resolve_config_path(path)
+  if resolved is None:
+    sys.exit(f"error: unknown experiment {path!r} (no such file here or under {ROOT}). "
+             "Experiments: " + ", ".join(os.path.relpath(p, ROOT)
+                                         for p in experiment_files().values())
+             + " (see --list).")
+  module = load_experiment(resolved)
+  name = os.path.splitext(os.path.basename(resolved))[0]
+  if not callable(getattr(module, "get_config", None)):
+    sys.exit(f"error: {path} defines no get_config(arg=''): it is not an experiment.")
+  presets = getattr(module, "PRESETS", None)
+  if preset and presets is not None and preset not in presets:
     sys.exit(f"error: experiment {name!r} has no preset {preset!r}. Presets: "
-             + ", ".join(module.PRESETS) + f" (use --config={path}:PRESET or no preset).")
+             + ", ".join(presets) + f" (use --config={path}:PRESET or no preset).")
   from maskax import runs
-  known_keys = runs.flatten(module.get_config(preset).to_dict())
+  try:
+    known_keys = runs.flatten(module.get_config(preset).to_dict())
+  except ValueError as e:  # e.g. an unknown preset of a config without PRESETS
+    sys.exit(f"error: {e}")
   for arg in argv:
     if arg.startswith("--config."):
       key = arg[len("--config."):].split("=", 1)[0]
@@ -128,7 +204,8 @@ def precheck_config_arg(argv) -> None:
         close = [k for k in known_keys if k.split(".")[-1][:3] == leaf[:3]]
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         sys.exit(f"error: unknown config key {key!r} for {name}.{hint} "
-                 f"All keys: python -c \"import experiments.{name} as m; print(m.get_config())\"")
+                 f"All keys: see get_config() in {resolved}.")
+  return _with_config_arg(argv, f"{resolved}:{preset}" if preset else resolved)
 
 
 def maybe_initialize_distributed() -> bool:
@@ -177,45 +254,73 @@ def lock_workdir(workdir: str):
 
 
 def run_one(module, config, workdir: str) -> dict:
-  """Locks `workdir`, writes (or checks) the resolved config, then runs the experiment."""
+  """Locks `workdir`, writes (or checks) the resolved config, runs the experiment, and records
+  its final metrics in `final.json` (what marks a sweep's run finished: `maskax.sweep`)."""
   import jax
-  from maskax import runs
+  from maskax import runs, sweep
   runs.check_values(config.to_dict())
   with lock_workdir(workdir):
     runs.write_config(workdir, config.to_dict(), safe=getattr(module, "RESUME_SAFE_KEYS", ()),
                       pinned=getattr(module, "RESUME_PINNED_KEYS", ()),
                       allow_change=FLAGS.allow_config_change,
                       is_writer=jax.process_index() == 0, topology=topology())
-    return module.run(config, workdir)
+    started = time.perf_counter()
+    final = module.run(config, workdir)
+    if jax.process_index() == 0:
+      sweep.write_final(workdir, final, config.to_dict(),
+                        duration_s=time.perf_counter() - started)
+    return final
 
 
-def run_sweep(module, config, workdir: str, spec: str) -> None:
-  """One sub-workdir per value of KEY, then results.md/.csv/.png in `workdir`."""
-  import jax
-  from maskax import progress, report, runs
-  key, values = runs.parse_sweep(spec, config.to_dict())
-  cells = []
-  for value in values:  # every cell's values are checked before the first one trains
-    cfg = config.copy_and_resolve_references()
-    with cfg.unlocked():
-      node = cfg
+def with_values(config, values):
+  """A copy of `config` with `values` ({dotted key: value}) set."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for key, value in values.items():
       *parents, leaf = key.split(".")
+      node = config
       for p in parents:
         node = node[p]
       node[leaf] = value
+  return config
+
+
+def run_sweep(module, config, workdir: str) -> None:
+  """Every run of the grid (--sweep axes x --seeds) in its own sub-workdir, skipping finished
+  ones, then results.md/.csv/.png in `workdir` (`maskax.sweep`, `maskax.report`)."""
+  import jax
+  from maskax import progress, report, runs, sweep
+  flat = runs.flatten(config.to_dict())
+  axes, seeds = sweep.parse_grid(FLAGS.sweep or [], flat, seeds=FLAGS.seeds)
+  planned = sweep.plan(axes, seeds)
+  # Every run's config is built and checked before the first one trains: a bad value in the
+  # last cell must not surface hours into a sweep.
+  configs = [with_values(config, r.overrides()) for r in planned]
+  for cfg in configs:
     runs.check_values(cfg.to_dict())
-    cells.append((value, cfg, os.path.join(workdir, runs.sweep_dirname(key, value))))
-  finals, histories = [], []
+  baseline = sweep.find_cell(FLAGS.baseline, planned, flat)
+  subdirs = [os.path.join(workdir, r.dirname) for r in planned]
   with lock_workdir(workdir):  # the sweep's own files (results.*); each run locks its folder
-    for value, cfg, sub in cells:
-      logging.info("sweep %s=%r -> %s", key, value, sub)
-      finals.append((value, run_one(module, cfg, sub)))
-      histories.append((value, progress.read_metrics(sub)))
     if jax.process_index() == 0:
-      columns = getattr(module, "REPORT_METRICS", None)
-      md, csv_path = report.write_tables(workdir, key, finals, columns)
-      png = report.plot_sweep(os.path.join(workdir, "results.png"), key, histories,
-                              columns or report.default_metrics(histories))
+      sweep.write_manifest(workdir, axes, seeds, planned, baseline=baseline,
+                           metrics=getattr(module, "REPORT_METRICS", None))
+    todo = [i for i, (sub, cfg) in enumerate(zip(subdirs, configs))
+            if not sweep.is_finished(sub, cfg.to_dict())]
+    if len(todo) < len(planned):
+      logging.info("sweep: %d of %d runs already finished (final.json); skipping them",
+                   len(planned) - len(todo), len(planned))
+    durations = []  # of the runs trained by this command: the ETA's unit
+    for i in todo:
+      eta = math.fsum(durations) / len(durations) * (len(todo) - len(durations)) \
+          if durations else math.inf
+      shown = ", ".join(f"{k}={v}" for k, v in planned[i].overrides().items())
+      logging.info("sweep run %d/%d (%s), ETA %s -> %s", i + 1, len(planned), shown,
+                   progress.format_duration(eta), subdirs[i])
+      started = time.perf_counter()
+      run_one(module, configs[i], subdirs[i])
+      durations.append(time.perf_counter() - started)
+    if jax.process_index() == 0:
+      md, csv_path, png = report.write_sweep_report(workdir)
       with open(md) as f:
         print(f.read())
       print(f"wrote {md}, {csv_path}, {png}")
@@ -245,17 +350,23 @@ def main(argv):
   from maskax import runs
   from maskax.preemption import Preempted
 
-  name, preset = _name_and_preset(_config_arg(sys.argv))
-  module = _load_module(name)
+  path, _, preset = _config_arg(sys.argv).partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  module = load_experiment(path)
   config = FLAGS.config
+  sweeping = bool(FLAGS.sweep or FLAGS.seeds)
+  if FLAGS.baseline and not sweeping:
+    raise app.UsageError("--baseline names a cell of a sweep: add --sweep or --seeds.")
   if FLAGS.seed is not None:
+    if FLAGS.seeds or any(s.startswith("seed=") for s in FLAGS.sweep or []):
+      raise app.UsageError("--seed sets one seed, --seeds/--sweep=seed=... several: use one.")
     config.seed = FLAGS.seed
   workdir = FLAGS.workdir or os.path.join("runs", name, preset or "default")
   logging.info("experiment %s, preset %s, workdir %s, %d device(s) on %d process(es)",
                name, preset or "default", workdir, jax.device_count(), jax.process_count())
   try:
-    if FLAGS.sweep:
-      run_sweep(module, config, workdir, FLAGS.sweep)
+    if sweeping:
+      run_sweep(module, config, workdir)
     else:
       print(runs.format_final(run_one(module, config, workdir)))
   except Preempted as e:  # the checkpoint is committed: a clean exit lets the scheduler requeue
@@ -267,7 +378,7 @@ def main(argv):
 
 def run():
   # Check --config before absl parses it, so a typo lists what exists instead of a traceback.
-  precheck_config_arg(sys.argv)
+  sys.argv[:] = precheck_config_arg(sys.argv)
   try:
     app.run(main)
   except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as e:

@@ -14,12 +14,11 @@ gathered masked positions only. The ablation trains the same model with four MLM
 Hardware: a 2-core CPU runs the default in about 3 minutes (measured 2 min 47 s idle); `base` is
 for accelerators (6.5 steps/s on one H200). Expected (measured, README): held-out masked-token
 accuracy 0.11-0.12 against 0.057 for the unigram baseline. Accuracy is also reported per kind of slot
-([MASK] / random / kept, `slot_accuracies`): only [MASK] slots measure prediction from context.
+([MASK] / random / kept, `losses.mlm_slot_accuracies`): only [MASK] slots measure prediction from context.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import jax
@@ -29,10 +28,10 @@ import numpy as np
 import optax
 
 from experiments import common
-from maskax import losses, train
+from maskax import losses, restore, train
 from maskax.data import corpus, tokenizer as tokenizer_lib
 from maskax.data.batching import BertBatches
-from maskax.models import bert
+from maskax.models import bert, bert_predict, hf_bert
 
 PRESETS = {
     "default": "tiny BERT (2x128), seq 128, 600 steps: about 3 minutes on a 2-core CPU",
@@ -60,6 +59,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.vocab_size = 8000  # WordPiece vocabulary when training one
   c.data.max_documents = 0  # >0: use only the first N documents (smoke tests)
   c.data.eval_fraction = 0.05  # held-out share of documents
+  c.data.split_seed = 0  # picks the held-out documents; apart from `seed`, so that runs with
+  # several training seeds score the same held-out set
   c.data.eval_batches = 8  # held-out batches per evaluation
   c.data.seq_len = 128  # max_seq_length
   c.data.max_predictions = 20  # max_predictions_per_seq (P)
@@ -68,7 +69,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.whole_word_masking = False
   c.data.short_seq_prob = 0.1
   c.model = ml_collections.ConfigDict()
-  c.model.size = "tiny"  # smoke | tiny | mini | base
+  c.model.size = "tiny"  # smoke | tiny | mini | base: shorthands for the five sizes below
+  c.model.num_layers = 0  # > 0 overrides the size's layer count (as each of the next four)
+  c.model.hidden = 0  # D
+  c.model.num_heads = 0
+  c.model.intermediate = 0  # feed-forward width
+  c.model.max_position = 0  # position table rows; 0: max(data.seq_len, 512)
   c.model.mlm_head = "gathered"  # gathered (P positions) | full (all T positions)
   c.model.dtype = "float32"  # float32 | bfloat16 (compute dtype; params stay f32)
   c.model.dropout = 0.1
@@ -120,40 +126,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   return c
 
 
-def _tokenizer(config, documents, workdir):
-  """The user's vocab.txt, or WordPiece trained once per corpus and reused.
-
-  HF tokenizers' WordPiece training is not reproducible run to run, not even single-threaded
-  (tokenizers#1794), so a tokenizer is trained once per (training text, vocab size) and kept in
-  a shared cache ($MASKAX_CACHE, default ~/.cache/maskax): every run of a sweep, every resume
-  and every process then sees the same vocabulary. The workdir keeps a copy as the record.
-  """
-  if config.data.vocab_file:
-    return tokenizer_lib.from_vocab_txt(config.data.vocab_file)
-  path = os.path.join(workdir, "tokenizer.json")
-  text = "\n\n".join("\n".join(doc) for doc in documents)
-  key = hashlib.sha256(f"{config.data.vocab_size}\n{text}".encode()).hexdigest()[:16]
-  cache_dir = os.environ.get("MASKAX_CACHE", os.path.expanduser("~/.cache/maskax"))
-  cached = os.path.join(cache_dir, "tokenizers", f"wordpiece-{key}.json")
-  if jax.process_index() == 0 and not os.path.exists(path):
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    tok = tokenizer_lib.load_or_train(cached, documents, config.data.vocab_size)
-    tok.save(path)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("tokenizer written")
-  return tokenizer_lib.load_or_train(path, documents, config.data.vocab_size)
-
-
 def build_data(config, workdir):
   """Tokenizer, training iterator, fixed held-out batches."""
   docs = corpus.load_documents(config.data.path or None)
   if config.data.max_documents:
     docs = docs[:config.data.max_documents]
-  train_docs, eval_docs = corpus.split_documents(docs, config.data.eval_fraction, config.seed)
+  train_docs, eval_docs = corpus.split_documents(docs, config.data.eval_fraction,
+                                                 config.data.split_seed)
   if not eval_docs:
     raise ValueError("data.eval_fraction leaves no held-out document; raise it or add data.")
-  tok = _tokenizer(config, train_docs, workdir)
+  tok = tokenizer_lib.for_run(train_docs, config.data.vocab_size, workdir,
+                              vocab_file=config.data.vocab_file)
   common = dict(batch_size=config.train.batch_size, seq_len=config.data.seq_len,
                 max_predictions=config.data.max_predictions,
                 masked_lm_prob=config.data.masked_lm_prob,
@@ -179,22 +162,6 @@ def unigram_baseline(train_data: BertBatches, eval_batches, vocab_size: int) -> 
   ids = np.concatenate([b["masked_lm_ids"][b["masked_lm_weights"] > 0] for b in eval_batches])
   return {"unigram_accuracy": float(np.mean(ids == np.argmax(counts))),
           "unigram_loss": float(-np.mean(np.log(probs[ids])))}
-
-
-def slot_accuracies(logits, batch, mask_id: int) -> dict:
-  """Masked-LM accuracy split by what the input showed at each prediction slot.
-
-  80% of slots show [MASK], 10% a random token and 10% the original token. A model that learns
-  to copy its input scores on the last kind for free, so `mask_slots` is the honest measure of
-  prediction from context. logits: f32[B, P, V] at the slots; returns {name: (total, weight)}.
-  """
-  ids, weights = batch["masked_lm_ids"], batch["masked_lm_weights"]
-  shown = bert.gather_positions(batch["input_ids"][..., None], batch["masked_lm_positions"])[..., 0]
-  kinds = {"mask_slots": shown == mask_id, "kept_slots": shown == ids}
-  kinds["random_slots"] = ~(kinds["mask_slots"] | kinds["kept_slots"])
-  return {f"mlm_accuracy_{name}": losses.masked_accuracy(logits, ids, kind & (weights > 0),
-                                                         weights=weights)
-          for name, kind in kinds.items()}
 
 
 def make_loss(model, config, mask_id: int):
@@ -227,7 +194,7 @@ def make_loss(model, config, mask_id: int):
     terms = {"mlm": mlm, "nsp": losses.nsp_loss(out["nsp_logits"], nsp_labels)}
     metrics = {"mlm_masked_loss": masked,
                "mlm_accuracy": losses.mlm_accuracy(gathered, ids, weights),
-               **slot_accuracies(gathered, batch, mask_id),
+               **losses.mlm_slot_accuracies(gathered, batch, mask_id),
                "nsp_accuracy": losses.masked_accuracy(out["nsp_logits"], nsp_labels, every)}
     return terms, metrics, model_state
 
@@ -235,10 +202,11 @@ def make_loss(model, config, mask_id: int):
 
 
 def make_model(config, vocab_size: int) -> bert.Bert:
+  m = config.model
+  sizes = {k: m[k] for k in ("num_layers", "hidden", "num_heads", "intermediate") if m[k] > 0}
   return bert.Bert(bert.BertConfig.preset(
-      config.model.size, vocab_size, max_position=max(config.data.seq_len, 512),
-      dropout=config.model.dropout, attention_dropout=config.model.dropout,
-      dtype=jnp.dtype(config.model.dtype)))
+      m.size, vocab_size, max_position=m.max_position or max(config.data.seq_len, 512),
+      dropout=m.dropout, attention_dropout=m.dropout, dtype=jnp.dtype(m.dtype), **sizes))
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -280,3 +248,36 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   final["tokens_per_s"] = final.get("steps_per_s", 0.0) * B * T
   final["params"] = float(bert.param_count(model.config))
   return final
+
+
+def _trained_model(config, workdir: str):
+  """(model, params, tokenizer) of the run in `workdir`, in eval mode, from its checkpoint."""
+  trained = restore.restore_params(workdir)
+  path = config.data.vocab_file or os.path.join(workdir, "tokenizer.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: the run's tokenizer is needed to read input.")
+  tok = (tokenizer_lib.from_vocab_txt(path) if config.data.vocab_file
+         else tokenizer_lib.load(path))
+  return make_model(config, tok.vocab_size), trained.params, tok
+
+
+def predict(config, workdir: str, lines: list[str], *, top_k: int = 5) -> list[dict]:
+  """Fill-mask for lines with [MASK]; P(second follows first) for 'first ||| second' lines."""
+  model, params, tok = _trained_model(config, workdir)
+  out = []
+  for line in lines:
+    if bert_predict.PAIR_SEPARATOR in line:
+      p, = bert_predict.next_sentence_probability(model, params, tok, [line])
+      out.append({"input": line, "is_next_probability": p})
+    else:
+      slots, = bert_predict.fill_mask(model, params, tok, [line], top_k=top_k)
+      out.append({"input": line, "masks": slots})
+  return out
+
+
+def export_hf(config, workdir: str, out_dir: str) -> str:
+  """Writes the run as a Hugging Face BertForPreTraining directory; returns its path."""
+  model, params, tok = _trained_model(config, workdir)
+  vocab = [tok.id_to_token(i) for i in range(tok.vocab_size)]
+  hf_bert.export(params, model.config, vocab, out_dir)
+  return out_dir

@@ -75,7 +75,7 @@ def test_slot_accuracies_separate_copying_from_prediction(setup):
   _, tok, _, _, batch = setup
   shown = jnp.take_along_axis(batch["input_ids"], batch["masked_lm_positions"], axis=1)
   copy_logits = jax.nn.one_hot(shown, tok.vocab_size)
-  acc = bert_pretrain.slot_accuracies(copy_logits, batch, tok.mask_id)
+  acc = losses.mlm_slot_accuracies(copy_logits, batch, tok.mask_id)
   real = batch["masked_lm_weights"] > 0
   np.testing.assert_allclose(acc["mlm_accuracy_mask_slots"][1],
                              np.sum(real & (shown == tok.mask_id)))
@@ -138,3 +138,54 @@ def test_weight_decay_spares_layer_norm_and_biases(setup):
   decayed = [k for k in moved if k not in spared]
   assert any("embedding" in k for k in decayed) and any("kernel" in k for k in decayed)
   assert all(moved[k] for k in decayed), [k for k in decayed if not moved[k]]
+
+
+@pytest.fixture(scope="module")
+def trained_smoke(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("bert_trained"))
+  config = bert_pretrain.get_config("smoke")
+  bert_pretrain.run(config, workdir)
+  return config, workdir
+
+
+def test_predict_fills_masks_and_scores_pairs(trained_smoke):
+  config, workdir = trained_smoke
+  out = bert_pretrain.predict(config, workdir, [
+      "the value of the [MASK] is returned .", "return the [MASK] of the [MASK] list .",
+      "open the file . ||| read its lines ."], top_k=3)
+  assert [len(o["masks"]) for o in out[:2]] == [1, 2]
+  for slot in out[0]["masks"] + out[1]["masks"]:
+    probs = [p for _, p in slot]
+    assert len(slot) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
+    assert all(isinstance(t, str) and t for t, _ in slot)
+  assert 0 < out[2]["is_next_probability"] < 1
+
+
+def test_predict_input_errors_are_one_line(trained_smoke, tmp_path):
+  config, workdir = trained_smoke
+  with pytest.raises(ValueError, match="has no \\[MASK\\] token to fill"):
+    bert_pretrain.predict(config, workdir, ["no mask here"])
+  with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+    bert_pretrain.predict(config, str(tmp_path), ["a [MASK] b"])
+
+
+def test_exported_run_gives_transformers_the_same_predictions(trained_smoke, tmp_path):
+  transformers = pytest.importorskip("transformers")
+  torch = pytest.importorskip("torch")
+  config, workdir = trained_smoke
+  out = bert_pretrain.export_hf(config, workdir, str(tmp_path / "hf"))
+  hf, info = transformers.BertForPreTraining.from_pretrained(out, output_loading_info=True)
+  assert not any(info.values()), info
+  hf.eval()
+  model, params, tok = bert_pretrain._trained_model(config, workdir)
+  text = "the value of the [MASK] is returned ."
+  ids = [tok.cls_id] + tok.encode(text) + [tok.sep_id]
+  slot = ids.index(tok.mask_id)
+  ours = model.apply({"params": params}, jnp.asarray([ids]), jnp.zeros((1, len(ids)), jnp.int32),
+                     jnp.ones((1, len(ids)), bool), jnp.asarray([[slot]]), train=False)
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.tensor([ids]))
+  np.testing.assert_allclose(theirs.prediction_logits[0, slot].numpy(),
+                             np.asarray(ours["mlm_logits"][0, 0]), atol=1e-4)
+  np.testing.assert_allclose(theirs.seq_relationship_logits[0].numpy(),
+                             np.asarray(ours["nsp_logits"][0]), atol=1e-4)

@@ -30,10 +30,10 @@ if ROOT not in sys.path:  # lets tests import experiments.<name> like launch.py 
   sys.path.insert(0, ROOT)
 
 
-def launch(*args, devices: int = 1, timeout: float = 300, env=None, check=False):
+def launch(*args, devices: int = 1, timeout: float = 300, env=None, check=False, cwd=ROOT):
   """Runs `python launch.py ARGS` in a subprocess on `devices` simulated CPU devices."""
   full_env = _env(devices, env)
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=cwd,
                         env=full_env, capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode != 0:
     raise AssertionError(f"launch {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 import pytest
 
 from conftest import ROOT, launch
+from maskax import progress
 
 SMOKE = "--config=experiments/example_regression.py:smoke"
 
@@ -39,11 +41,18 @@ def test_bad_input_exits_nonzero_naming_the_problem(args, expected, tmp_path):
   assert "Traceback" not in proc.stderr
 
 
-def test_every_sweep_cell_is_checked_before_the_first_trains(tmp_path):
-  proc = launch(SMOKE, f"--workdir={tmp_path}/w", "--sweep=train.learning_rate=0.01,-1")
+@pytest.mark.parametrize("args, expected", [
+    # the bad value sits in the grid's last cell: 2 x 2 cells x 2 seeds, the last of 8 runs
+    (["--sweep=model.hidden=8,16", "--sweep=train.learning_rate=0.01,-1", "--seeds=2"],
+     "train.learning_rate=-1.0 must be a finite number > 0"),
+    (["--sweep=model.hidden=8,16", "--baseline=model.hidden=32"], "--baseline=model.hidden=32"),
+    (["--sweep=model.hidden=8", "--sweep=model.hidden=16"], "'model.hidden' is swept twice"),
+])
+def test_every_sweep_run_is_checked_before_the_first_trains(args, expected, tmp_path):
+  proc = launch(SMOKE, f"--workdir={tmp_path}/w", *args)
   assert proc.returncode == 1
-  assert "train.learning_rate=-1.0 must be a finite number > 0" in proc.stderr
-  assert not os.path.exists(tmp_path / "w")  # the valid first cell did not start
+  assert expected in proc.stderr, proc.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "w")  # not even the valid first run started
 
 
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
@@ -55,9 +64,31 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
   assert "Traceback" not in proc.stderr
 
 
-def test_list_names_every_experiment_with_presets():
-  proc = launch("--list", check=True)
+def test_list_names_every_experiment_with_presets(tmp_path):
+  proc = launch("--list", check=True, cwd=tmp_path)  # found beside launch.py, from anywhere
   assert "example_regression:" in proc.stdout and ":smoke" in proc.stdout
+  assert "common:" not in proc.stdout  # shared defaults, no get_config: not an experiment
+
+
+def test_config_paths_resolve_from_the_cwd_then_the_repository(tmp_path):
+  # From another directory, experiments/... is found under the repository root: the run gets
+  # as far as checking the override's key.
+  proc = launch(SMOKE, "--config.train.stepz=3", cwd=tmp_path)
+  assert proc.returncode == 1 and "unknown config key 'train.stepz'" in proc.stderr
+  proc = launch("--config=elsewhere/nope.py", cwd=tmp_path)
+  assert proc.returncode == 1 and "unknown experiment 'elsewhere/nope.py'" in proc.stderr
+  assert "experiments/example_regression.py" in proc.stderr
+
+
+@pytest.mark.slow
+def test_any_config_file_runs_from_any_directory(tmp_path):
+  # A copy outside the repository still imports `experiments.common` (the root is on sys.path).
+  shutil.copy(os.path.join(ROOT, "experiments", "example_regression.py"), tmp_path / "mine.py")
+  launch("--config=mine.py:smoke", "--workdir=run", check=True, cwd=tmp_path)
+  run = tmp_path / "run"
+  assert (run / "final.json").exists() and (run / "checkpoints" / "6").is_dir()
+  assert [r["step"] for r in progress.read_metrics(run) if "loss" in r] == [2, 4, 6]
+  assert list(run.glob("events.out.tfevents.*"))  # TensorBoard files beside metrics.jsonl
 
 
 @pytest.mark.slow
@@ -106,13 +137,34 @@ def test_nonfinite_step_stops_naming_the_step(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_writes_tables_and_plot(tmp_path):
-  proc = launch(SMOKE, f"--workdir={tmp_path}", "--sweep=model.hidden=8,16", check=True)
+def test_a_half_finished_sweep_resumes_and_skips_finished_runs(tmp_path):
+  sweep_args = [SMOKE, f"--workdir={tmp_path}", "--sweep=model.hidden=8,16", "--seeds=2"]
+  proc = launch(*sweep_args, check=True)
+  assert "sweep run 1/4 (model.hidden=8, seed=0), ETA ?" in proc.stderr
+  assert "sweep run 4/4 (model.hidden=16, seed=1), ETA " in proc.stderr
   for name in ("results.md", "results.csv", "results.png"):
     assert (tmp_path / name).stat().st_size > 0, name
   table = (tmp_path / "results.md").read_text()
-  assert "| model.hidden |" in table and "| 8 |" in table and "| 16 |" in table
-  assert "eval/mse" in table and "results.md" in proc.stdout
+  assert "| model.hidden | mean | std | n | 95% CI |" in table and "## eval/mse" in table
+  assert "| 8 | " in table and "| 16 | " in table and "| 2 | [" in table  # n = 2 seeds
+  assert "results.md" in proc.stdout
+
+  # Half-finished: the last run lost its final checkpoint and final.json, as when a sweep is
+  # killed during that run's last steps.
+  partial = tmp_path / "model.hidden=16,seed=1"
+  shutil.rmtree(partial / "checkpoints" / "6")
+  os.remove(partial / "final.json")
+  finished = [p for p in tmp_path.glob("model.hidden=*") if p != partial]
+  before = {p: ((p / "metrics.jsonl").read_bytes(), sorted(os.listdir(p))) for p in finished}
+  proc = launch(*sweep_args, check=True)
+  assert "sweep: 3 of 4 runs already finished" in proc.stderr
+  assert "sweep run 4/4 (model.hidden=16, seed=1)" in proc.stderr
+  assert "sweep run 1/4" not in proc.stderr
+  assert "resumed at step 4" in proc.stderr
+  assert {p: ((p / "metrics.jsonl").read_bytes(), sorted(os.listdir(p)))
+          for p in finished} == before  # not run again: no line, no event file, nothing
+  assert (partial / "final.json").exists()
+  assert [r["step"] for r in progress.read_metrics(partial) if "loss" in r] == [2, 4, 6]
 
 
 def test_topology_is_pinned_on_resume_unless_allowed(tmp_path):

@@ -166,6 +166,25 @@ def mlm_accuracy(logits, label_ids, label_weights):
   return masked_accuracy(logits, label_ids, label_weights > 0, weights=label_weights)
 
 
+def mlm_slot_accuracies(logits, batch, mask_id: int) -> dict:
+  """Masked-LM accuracy split by what the input showed at each prediction slot.
+
+  80% of slots show [MASK], 10% a random token and 10% the original token. A model that learns
+  to copy its input scores on the last kind for free, so `mask_slots` is the honest measure of
+  prediction from context. logits: f32[B, P, V] at the slots; batch holds input_ids i32[B, T]
+  and masked_lm_positions / masked_lm_ids / masked_lm_weights [B, P]. Returns
+  {`mlm_accuracy_<kind>`: (total, weight)}.
+  """
+  ids, weights = batch["masked_lm_ids"], batch["masked_lm_weights"]
+  shown = jnp.take_along_axis(batch["input_ids"], batch["masked_lm_positions"], axis=1,
+                              mode="clip")  # unused slots (weight 0) may hold any position
+  kinds = {"mask_slots": shown == mask_id, "kept_slots": shown == ids}
+  kinds["random_slots"] = ~(kinds["mask_slots"] | kinds["kept_slots"])
+  return {f"mlm_accuracy_{name}": masked_accuracy(logits, ids, kind & (weights > 0),
+                                                  weights=weights)
+          for name, kind in kinds.items()}
+
+
 def nsp_loss(logits, labels, mask=None):
   """Next-sentence-prediction loss: (sum of nll over valid examples, #valid examples).
 

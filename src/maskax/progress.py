@@ -1,19 +1,32 @@
-"""Metrics a program can read (JSON lines) and progress a person can watch (log lines).
+"""Metrics a program can read (JSON lines), curves to watch (TensorBoard) and progress lines.
 
 Only process 0 writes: on a pod every process runs the same loop, and N copies of each line
 would be noise (metrics are already global, computed on the global batch).
+
+Every metric record goes to `WORKDIR/metrics.jsonl` (the record the reports read) and, as
+scalars, to TensorBoard event files beside it (`tensorboard --logdir=WORKDIR`, or a sweep's
+workdir to see all its runs), written with tensorboardX: it needs neither TensorFlow nor torch.
+
+Throughput is measured here and only here: `Progress.rate` is the run's training steps per
+second, with compilation (JAX's own compile-time events) and evaluation left out, and the last
+logged `steps_per_s` is the run's throughput, from which experiments derive tokens/s or images/s.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import sys
+import threading
 import time
+import types
 from typing import Mapping
 
 import jax
 from absl import logging
+from jax import monitoring
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -53,13 +66,18 @@ def _read_records(path: str) -> tuple[list[dict], bool]:
 
 
 class MetricWriter:
-  """Appends one JSON object per line: `{"step", "time", <metrics>...}`."""
+  """Appends one JSON object per line, `{"step", "time", <metrics>...}`, and writes the same
+  metrics as TensorBoard scalars (see the module docstring)."""
 
   def __init__(self, workdir: str, *, resume_step: int = 0):
     self.path = os.path.join(workdir, METRICS_FILE)
     self.active = jax.process_index() == 0
+    self._events = None
     if self.active and resume_step >= 0:
       self._truncate_after(resume_step)
+    if self.active:
+      self._events = _open_events(workdir, purge_step=resume_step + 1 if resume_step >= 0
+                                  else None)
 
   def _truncate_after(self, step: int) -> None:
     # A killed run may have logged steps past its last checkpoint; the resumed run recomputes
@@ -80,6 +98,64 @@ class MetricWriter:
     record.update({k: _jsonable(v) for k, v in metrics.items()})
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
+    if self._events is not None:
+      tbx = _tensorboardx()
+      now = time.time()
+      for k, v in metrics.items():
+        self._events.write_event(tbx.Event(wall_time=now, step=int(step),
+                                           summary=tbx.scalar(k, float(v))))
+      self._events.flush()  # a run killed right after a checkpoint keeps its curve up to it
+
+  def close(self) -> None:
+    if self._events is not None:
+      self._events.close()
+      self._events = None
+
+
+def _open_events(workdir: str, *, purge_step: int | None):
+  """A new event file in `workdir` (tensorboardX's synchronous EventsWriter), or None with a
+  warning when tensorboardX is missing: the event files are for watching, metrics.jsonl is the
+  record, so their lack stops no run.
+
+  Not tensorboardX's SummaryWriter: it writes from a thread that flushes every `flush_secs`, so
+  a run killed a few seconds after a checkpoint lost those steps from TensorBoard for good (the
+  resumed run does not log them again). What its `purge_step` writes is written here instead:
+  a SessionLog START at `purge_step`, on which TensorBoard drops the events an earlier file
+  holds at or after that step, i.e. those a killed run logged past its last checkpoint.
+  """
+  try:
+    tbx = _tensorboardx()
+  except ImportError:
+    logging.warning("tensorboardX is not installed: no TensorBoard event files in %s "
+                    "(pip install -r requirements.txt).", workdir)
+    return None
+  # The writer names its file by the second; the suffix keeps a second file in the same second
+  # (a quick resume) from overwriting the first, and sorts after it as TensorBoard reads them.
+  events = tbx.EventsWriter(os.path.join(workdir, "events"), f".{time.time_ns()}")
+  if purge_step is not None:
+    events.write_event(tbx.Event(wall_time=time.time(), step=purge_step,
+                                 session_log=tbx.SessionLog(status=tbx.SessionLog.START)))
+  events.flush()
+  return events
+
+
+@functools.cache
+def _tensorboardx():
+  """The tensorboardX pieces the writer uses, as one namespace."""
+  # tensorboardX's package init imports torch when it is installed, only to accept torch
+  # tensors: in a JAX process that costs 1.4 s and 180 MB, so torch is hidden while it loads.
+  hide_torch = "torch" not in sys.modules
+  if hide_torch:
+    sys.modules["torch"] = None  # `import torch` now raises ImportError
+  try:
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    from tensorboardX.summary import scalar
+  finally:
+    if hide_torch and sys.modules.get("torch", 0) is None:
+      del sys.modules["torch"]
+  return types.SimpleNamespace(EventsWriter=EventsWriter, Event=Event, SessionLog=SessionLog,
+                               scalar=scalar)
 
 
 def _jsonable(v):
@@ -87,20 +163,64 @@ def _jsonable(v):
   return v if math.isfinite(v) else str(v)
 
 
-class Progress:
-  """Prints `step i/N | key metrics | steps/s | ETA` at each log step."""
+# Seconds JAX spent tracing, lowering and compiling, per thread (its monitoring events). A
+# window of training time subtracts what its own thread compiled, so that neither the first
+# step's compilation nor a later recompile (a new padded shape) counts as training, while an
+# orbax thread's work does not leak into the loop's numbers.
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile_s: dict[int, float] = {}
+_listening = False
 
-  def __init__(self, total_steps: int, start_step: int):
+
+def _on_duration(event: str, seconds: float, **_) -> None:
+  if event in _COMPILE_EVENTS:
+    thread = threading.get_ident()
+    _compile_s[thread] = _compile_s.get(thread, 0.0) + seconds
+
+
+def compile_seconds() -> float:
+  """Seconds this thread has spent compiling since the first call (which starts counting)."""
+  global _listening
+  if not _listening:
+    monitoring.register_event_duration_secs_listener(_on_duration)
+    _listening = True
+  return _compile_s.get(threading.get_ident(), 0.0)
+
+
+class Progress:
+  """Prints `step i/N | key metrics | steps/s | ETA` at each log step, and measures the speed.
+
+  Training time is the wall time between calls to `rate` less the compilation in it. A window
+  in which an evaluation was logged (`log(..., rate=None)`) is left out whole, as its split
+  between training and evaluation is unknown; when eval_every is a multiple of log_every the
+  loop calls `rate` right before and right after each evaluation, and no training is lost.
+  """
+
+  def __init__(self, total_steps: int, start_step: int, *, clock=time.perf_counter):
     self.total = total_steps
+    self.clock = clock  # seconds; tests pass a fake one
     self.last_step = start_step
-    self.last_time = time.perf_counter()
+    self.last_time = clock()
+    self.last_compile_s = compile_seconds()
+    self.evaluated = False  # since the last `rate` call
+    self.trained_steps, self.trained_s = 0, 0.0
 
   def rate(self, step: int) -> float:
-    """Steps per second since the previous call (then resets the window)."""
-    now = time.perf_counter()
-    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
-    self.last_step, self.last_time = step, now
-    return rate
+    """Training steps per second so far in this process (NaN until a window counts); called
+    at each log step and after each evaluation."""
+    now, compiled = self.clock(), compile_seconds()
+    steps, compile_s = step - self.last_step, compiled - self.last_compile_s
+    seconds = now - self.last_time - compile_s
+    if steps > 0 and not self.evaluated and seconds > 0:
+      self.trained_steps += steps
+      self.trained_s += seconds
+    if compile_s >= 0.2 and jax.process_index() == 0:  # below that: small host-side helpers
+      logging.info("compilation: %.1f s (not counted in steps/s or ETA)", compile_s)
+    self.last_step, self.last_time, self.last_compile_s = step, now, compiled
+    self.evaluated = False
+    return self.trained_steps / self.trained_s if self.trained_s > 0 else math.nan
 
   def line(self, step: int, metrics: Mapping[str, float], rate: float | None) -> str:
     """`rate=None` for evaluation lines, which have no speed or ETA."""
@@ -108,9 +228,12 @@ class Progress:
     if rate is None:
       return f"step {step}/{self.total}  {shown}"
     eta = (self.total - step) / rate if rate > 0 else float("inf")
-    return f"step {step}/{self.total}  {shown}  {rate:.2f} steps/s  ETA {_duration(eta)}"
+    speed = f"{rate:.2f}" if math.isfinite(rate) else "?"
+    return f"step {step}/{self.total}  {shown}  {speed} steps/s  ETA {format_duration(eta)}"
 
   def log(self, step: int, metrics: Mapping[str, float], rate: float | None) -> None:
+    if rate is None:
+      self.evaluated = True
     if jax.process_index() == 0:
       logging.info("%s", self.line(step, metrics, rate))
 
@@ -119,7 +242,8 @@ def _fmt(v: float) -> str:
   return f"{v:.4g}"
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+  """`1:02:03`, `2:03`, or `?` when unknown (not finite)."""
   if not math.isfinite(seconds):
     return "?"
   seconds = int(round(seconds))

@@ -1,4 +1,4 @@
-"""Workdir bookkeeping for launched runs: the resolved config, resume checks, sweep values.
+"""Workdir bookkeeping for launched runs: the resolved config, resume checks, value checks.
 
 Plain dicts in, plain dicts out (the launcher converts its ConfigDict with `to_dict()`), so the
 library stays free of flags and ConfigDicts.
@@ -11,9 +11,8 @@ Deleting or editing `config.json` therefore cannot make a changed run resume sil
 
 from __future__ import annotations
 
-import ast
-import math
 import json
+import math
 import os
 from typing import Any, Iterable, Mapping
 
@@ -190,44 +189,6 @@ def check_values(config: Mapping[str, Any]) -> None:
   if batch is not None and not (batch > 0 or flat.get("train.batch_chars", 0) > 0):
     raise ValueError(f"train.batch_size={batch!r} must be a positive integer (rows per global "
                      "batch); set --config.train.batch_size=VALUE.")
-
-
-def parse_sweep(spec: str, config: Mapping[str, Any]) -> tuple[str, list[Any]]:
-  """`'loss.keep_prob=1.0,0.5'` -> `('loss.keep_prob', [1.0, 0.5])`, typed like the config field."""
-  if "=" not in spec:
-    raise ValueError(f"--sweep={spec!r}: expected KEY=V1,V2,... e.g. --sweep=train.steps=10,20")
-  key, raw = spec.split("=", 1)
-  flat = flatten(config)
-  if key not in flat:
-    close = [k for k in flat if k.split(".")[-1] == key.split(".")[-1]]
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(f"--sweep: unknown config key {key!r}.{hint}")
-  current = flat[key]
-  values = [_convert(v.strip(), current, key) for v in raw.split(",") if v.strip()]
-  if len(values) < 1:
-    raise ValueError(f"--sweep={spec!r}: give at least one value.")
-  return key, values
-
-
-def _convert(text: str, current: Any, key: str) -> Any:
-  kind = type(current)
-  try:
-    if kind is bool:
-      if text.lower() not in ("true", "false"):
-        raise ValueError
-      return text.lower() == "true"
-    if kind in (int, float):
-      return kind(text)
-    if kind is str or current is None:
-      return text
-    return kind(ast.literal_eval(text))
-  except (ValueError, SyntaxError):
-    raise ValueError(f"--sweep: value {text!r} is not a valid {kind.__name__} for {key!r}.") \
-        from None
-
-
-def sweep_dirname(key: str, value: Any) -> str:
-  return f"{key}={value}".replace("/", "_")
 
 
 def format_final(metrics: Mapping[str, float]) -> str:

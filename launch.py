@@ -74,6 +74,12 @@ flags.DEFINE_integer("heartbeat_timeout_s", 100, "Multi-host: a process that sen
 flags.DEFINE_integer("initialization_timeout_s", 300, "Multi-host: how long to wait for every "
                      "process to join at start-up.")
 flags.DEFINE_bool("verbose_errors", False, "Show full tracebacks for configuration errors.")
+flags.DEFINE_string("predict", None, "Use the trained run in --workdir on FILE ('-': stdin), one "
+                    "input per line; prints one JSON line per input. Writes nothing to the "
+                    "workdir. For experiments that define predict().")
+flags.DEFINE_string("export", None, "Write the trained run in --workdir to this folder in the "
+                    "ecosystem's format (BERT: Hugging Face BertForPreTraining). For experiments "
+                    "that define export().")
 flags.DEFINE_integer("wait_for_workdir_s", 0, "When another live run holds the workdir's lock, "
                      "wait up to this many seconds for it to end (a re-queued job whose "
                      "predecessor is still saving) instead of failing at once.")
@@ -334,6 +340,31 @@ class _QuietLibraries:
     return record.levelno >= 30 or not noisy  # 30 = std logging.WARNING (absl numbers differ)
 
 
+def use_trained(module, name: str, config, workdir: str) -> None:
+  """--predict / --export: reads the run in `workdir` with the config it trained with (saved in
+  its newest checkpoint), and writes nothing there."""
+  import json
+  import ml_collections
+  from maskax import runs
+  what = "predict" if FLAGS.predict else "export"
+  if not hasattr(module, what):
+    raise ValueError(f"experiment {name} has no {what}() yet; experiments with one: see README.")
+  saved = runs.checkpoint_run_record(workdir) if runs.has_checkpoint(workdir) else None
+  if saved is not None:
+    config = ml_collections.ConfigDict(saved[0]["config"])
+  if FLAGS.export:
+    print(f"wrote {module.export(config, workdir, FLAGS.export)}")
+    return
+  if FLAGS.predict != "-" and not os.path.isfile(FLAGS.predict):
+    raise FileNotFoundError(f"--predict={FLAGS.predict}: no such file (use - for stdin).")
+  with (sys.stdin if FLAGS.predict == "-" else open(FLAGS.predict)) as f:
+    lines = [line.rstrip("\n") for line in f if line.strip()]
+  if not lines:
+    raise ValueError(f"--predict={FLAGS.predict} holds no input lines.")
+  for record in module.predict(config, workdir, lines):
+    print(json.dumps(record))
+
+
 def main(argv):
   # Library records reach the absl handler through several loggers; filter where they all end.
   logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
@@ -364,6 +395,8 @@ def main(argv):
   workdir = FLAGS.workdir or os.path.join("runs", name, preset or "default")
   logging.info("experiment %s, preset %s, workdir %s, %d device(s) on %d process(es)",
                name, preset or "default", workdir, jax.device_count(), jax.process_count())
+  if FLAGS.predict or FLAGS.export:
+    return use_trained(module, name, config, workdir) or 0
   try:
     if sweeping:
       run_sweep(module, config, workdir)

@@ -275,9 +275,8 @@ def predict(config, workdir: str, lines: list[str], *, top_k: int = 5) -> list[d
   return out
 
 
-def export_hf(config, workdir: str, out_dir: str) -> str:
+def export(config, workdir: str, out_dir: str) -> str:
   """Writes the run as a Hugging Face BertForPreTraining directory; returns its path."""
   model, params, tok = _trained_model(config, workdir)
   vocab = [tok.id_to_token(i) for i in range(tok.vocab_size)]
-  hf_bert.export(params, model.config, vocab, out_dir)
-  return out_dir
+  return str(hf_bert.export(params, model.config, vocab, out_dir))

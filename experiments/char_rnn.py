@@ -41,7 +41,7 @@ from absl import logging
 
 from experiments import common
 from maskax import checkpoint as ckpt_lib
-from maskax import losses, progress, sharding, train
+from maskax import evaluation, losses, progress, sharding, train
 from maskax.data import chars, corpus
 from maskax.models import char_rnn
 
@@ -202,45 +202,42 @@ def make_sampler(model, vocab, config):
   return sample
 
 
-def make_evaluator(model, vocab, held_out, config, mesh, workdir):
-  """`extra_eval(state)`: held-out bits/char with reset and carried state, plus a logged sample."""
+def make_eval(model, vocab, held_out, config, workdir) -> dict:
+  """The Task's evaluation: held-out xent and bits/char of data.eval_streams contiguous streams,
+  the carry reset per window (`_reset`) or carried across (`_carried`), and a logged sample
+  (`extra_eval`: generation loops over its own outputs on the host; it is no eval sum)."""
   d = config.data
   ids = held_out[:d.eval_chars + 1] if d.eval_chars else held_out
-  if d.eval_streams % mesh.size:
-    raise ValueError(f"data.eval_streams={d.eval_streams} must be a multiple of the number of "
-                     f"devices ({mesh.size}).")
   layout = chars.stream_windows(
       ids, d.eval_streams, d.eval_seq_len, what="the held-out text",
       fix=(f"raise data.eval_fraction={d.eval_fraction}, or lower data.eval_streams"
            f"={d.eval_streams} or data.eval_seq_len={d.eval_seq_len}"))
-  rows = sharding.process_slice(d.eval_streams)
-  layout = sharding.shard_batch({k: v[rows] for k, v in layout.items()}, mesh)
-  xent = jax.jit(functools.partial(char_rnn.stream_xent, model))
+  batches = evaluation.fixed_batches(layout, d.eval_streams)  # one batch: i32[B, K, T] each
   sample = make_sampler(model, vocab, config)
-  key = jax.random.key(config.sample_seed)
+  sample_key = jax.random.key(config.sample_seed)
 
-  def extra_eval(state):
-    sums = jax.device_get(xent(state.params, layout["inputs"], layout["targets"]))
-    out = {}
-    for name, (total, weight) in sums.items():
-      nats = float(losses.safe_div(np.float64(total), np.float64(weight)))
-      out[f"xent_{name}"], out[f"bpc_{name}"] = nats, nats / np.log(2.0)
+  def eval_sums(params, model_state, batch, key):
+    sums = char_rnn.stream_xent(model, params, batch["inputs"], batch["targets"])
+    return {**{f"xent_{k}": pair for k, pair in sums.items()},
+            **{f"bpc_{k}": char_rnn.bits_per_char(*pair) for k, pair in sums.items()}}
+
+  def log_sample(state):
     if config.log_sample_chars and jax.process_index() == 0:
       # Host copies of the replicated params: the sample runs on this process's device alone.
       texts = sample(sharding.to_host(state.params), _prompts(config), config.log_sample_chars,
-                     key)
+                     sample_key)
       step = int(jax.device_get(state.step))
       for prompt, text in zip(_prompts(config), texts):
         logging.info("sample at step %d: %r", step, prompt + text)
         with open(os.path.join(workdir, "samples.txt"), "a", encoding="utf-8") as f:
           f.write(f"--- step {step} ---\n{prompt}{text}\n")
-    return out
+    return {}
 
-  return extra_eval
+  return dict(eval_data=lambda: batches, eval_sums=eval_sums, extra_eval=log_sample)
 
 
-def build_task(config, model, train_ids, *, extra_eval=None) -> train.Task:
-  """Data iterator, loss, optimizer and init for `config.train.mode`."""
+def build_task(config, model, train_ids, **eval_fields) -> train.Task:
+  """Data iterator, loss, optimizer and init for `config.train.mode`, plus `make_eval`'s fields."""
   mode, B, T = config.train.mode, batch_size(config), config.data.seq_len
   if mode not in MODES:
     raise ValueError(f"train.mode={mode!r}: use one of {', '.join(MODES)}.")
@@ -263,7 +260,7 @@ def build_task(config, model, train_ids, *, extra_eval=None) -> train.Task:
   clip = [optax.clip_by_global_norm(config.train.grad_clip)] if config.train.grad_clip else []
   return train.Task(init=init, loss=make_loss(model, stateful=stateful),
                     optimizer=optax.chain(*clip, optax.adam(schedule)), train_data=data,
-                    extra_eval=extra_eval)
+                    **eval_fields)
 
 
 def batch_size(config) -> int:
@@ -372,8 +369,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = sharding.make_mesh()
   if config.mode == "generate":
     return generate_mode(config, workdir, model, vocab, train_ids, held_out, mesh)
-  extra_eval = make_evaluator(model, vocab, held_out, config, mesh, workdir)
-  task = build_task(config, model, train_ids, extra_eval=extra_eval)
+  task = build_task(config, model, train_ids,
+                    **make_eval(model, vocab, held_out, config, workdir))
   steps, eval_every = resolve_steps(config)
   options = train.LoopOptions.from_config({**config.train.to_dict(), "steps": steps,
                                            "eval_every": eval_every})

@@ -1,6 +1,6 @@
 """Config defaults shared by every experiment: the training loop's safety and bookkeeping knobs.
 
-Not an experiment (launch.py lists experiments from its own table). Each experiment still sets
+Not an experiment (it has no `get_config`, so `launch.py --list` skips it). Each experiment still sets
 its own steps, batch size, learning rate and log/eval/checkpoint intervals in `get_config`.
 """
 

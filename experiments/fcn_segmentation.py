@@ -37,8 +37,8 @@ import numpy as np
 import optax
 
 from experiments import common
-from maskax import losses, metrics, progress, sampling, sharding, train
-from maskax.data import iterators, segmentation
+from maskax import evaluation, losses, metrics, progress, sampling, sharding, train
+from maskax.data import segmentation
 from maskax.models.fcn import FCN, FCNConfig
 
 PRESETS = {
@@ -238,40 +238,28 @@ def make_loss(model: FCN, spec: LossSpec):
   return loss
 
 
-def make_evaluator(model: FCN, images, labels, *, batch_size: int, mesh):
-  """`extra_eval(state) -> {mean_iou, pixel_acc, mean_acc, fw_iou, xent}` on the held-out set.
+def make_eval_sums(model: FCN):
+  """Held-out sums at full resolution: the confusion matrix i32[C, C] and the cross-entropy
+  pair; `eval_finish` turns the matrix into the four scores of §4 (in float64, on the host).
 
-  images: f32[N, H, W, 3]; labels: u8[N, H, W] (global arrays; each process takes its rows).
-  Confusion matrices and cross-entropy sums stay on device over the batches; the scores are
-  computed once on the host in float64 (maskax.metrics).
+  Filler rows of the last batch (valid False) become all-ignore, so they count nowhere.
   """
-  num_classes = model.config.num_classes
-  proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  batches = []
-  for b in iterators.fixed_batches({"image": images, "label": labels}, batch_size, **proc):
-    # Rows repeated to fill the last batch are made all-ignore, so they count nowhere.
-    label = np.where(b.pop("valid")[:, None, None], b["label"], IGNORE).astype(np.int32)
-    batches.append(sharding.shard_batch({"image": b["image"], "label": label}, mesh))
 
-  def sums(params, batch):
+  def eval_sums(params, model_state, batch, key):
+    del model_state, key
+    valid = batch["valid"][:, None, None]
+    labels = jnp.where(valid, batch["label"].astype(jnp.int32), IGNORE)
     logits = model.apply({"params": params}, batch["image"], train=False)
-    conf = metrics.confusion_matrix(jnp.argmax(logits, -1), batch["label"], num_classes)
-    return conf, losses.dense_xent(logits, batch["label"], ignore_label=IGNORE)
+    confusion = metrics.confusion_matrix(jnp.argmax(logits, -1), labels,
+                                         model.config.num_classes)
+    return {"confusion": confusion, "xent": losses.dense_xent(logits, labels, ignore_label=IGNORE)}
 
-  repl = sharding.replicated(mesh)
-  sums = jax.jit(sums, in_shardings=(repl, sharding.batch_sharding(mesh)), out_shardings=repl)
+  return eval_sums
 
-  def extra_eval(state):
-    conf, total, weight = 0, 0.0, 0.0
-    for batch in batches:
-      c, (t, w) = sums(state.params, batch)
-      conf, total, weight = conf + c, total + t, weight + w
-    conf, total, weight = jax.device_get((conf, total, weight))
-    scores = metrics.segmentation_scores(np.asarray(conf))
-    scores["xent"] = float(losses.safe_div(np.float64(total), np.float64(weight)))
-    return scores
 
-  return extra_eval
+def eval_finish(sums) -> dict[str, float]:
+  """mean_iou, pixel_acc, mean_acc and fw_iou from the summed confusion matrix."""
+  return metrics.segmentation_scores(sums["confusion"])
 
 
 def load_data(config):
@@ -340,22 +328,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_images, train_labels, eval_images, eval_labels = load_data(config)
   spec, batch, crop = resolve(config, train_labels)
   model = build_model(config)
-  mesh = sharding.make_mesh()
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_data = segmentation.SegmentationBatches(train_images, train_labels, batch_size=batch,
                                                 seed=config.seed, crop=crop, **proc)
-  extra_eval = make_evaluator(model, eval_images, eval_labels,
-                              batch_size=config.data.eval_batch_size, mesh=mesh)
+  eval_batches = evaluation.fixed_batches({"image": eval_images, "label": eval_labels},
+                                          config.data.eval_batch_size)
   shape = (1, crop or train_images.shape[1], crop or train_images.shape[2], 3)
 
   def init(key):
     return model.init(key, jnp.zeros(shape, jnp.float32), train=False)["params"], {}
 
   task = train.Task(init=init, loss=make_loss(model, spec),
-                    optimizer=optax.adam(config.train.learning_rate),
-                    train_data=train_data, extra_eval=extra_eval)
+                    optimizer=optax.adam(config.train.learning_rate), train_data=train_data,
+                    eval_data=lambda: eval_batches, eval_sums=make_eval_sums(model),
+                    eval_finish=eval_finish)
   state, final = train.train(task, train.LoopOptions.from_config(config.train), workdir,
-                             seed=config.seed, mesh=mesh)
+                             seed=config.seed)
   final = {**final, "train_batch": float(batch), **_speed(workdir, batch)}
   k = min(config.viz.num_images, len(eval_labels))
   if k and jax.process_index() == 0:

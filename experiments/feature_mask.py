@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 from experiments import common
-from maskax import sharding, train
+from maskax import evaluation, losses, train
 from maskax.data import iterators, synthetic
 from maskax.models import timeseries
 
@@ -64,7 +64,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.step_share = 0.25  # share of the missing rate taken by whole missing steps
   c.data.bursty = False  # channels drop out for stretches instead of independently
   c.data.burst_steps = 8.0  # bursty: mean length of a dropout
-  c.data.eval_size = 256  # held-out streams (a multiple of eval_batch_size)
+  c.data.eval_size = 256  # held-out streams
   c.data.eval_batch_size = 64
   c.model = ml_collections.ConfigDict()
   c.model.strategy = "indicator"  # indicator | zero_fill | forward_fill | mean_fill
@@ -142,59 +142,42 @@ def make_loss(model, fill_value):
   return loss
 
 
-def make_evaluator(config, model, fill_value, *, mesh):
-  """`extra_eval(state)`: held-out MSE at every rate in data.eval_rates, plus the baseline.
-
-  The same held-out streams are masked at each rate (iid masks are nested across rates).
-  """
+def eval_data(config) -> dict[str, list[dict]]:
+  """`{miss<100 r>: batches}` for every r in data.eval_rates: the same held-out streams, masked
+  at each rate (iid masks are nested across rates); `truth` holds the fully observed values."""
   d = config.data
-  if d.eval_size % d.eval_batch_size:
-    raise ValueError(f"data.eval_size={d.eval_size} must be a multiple of "
-                     f"data.eval_batch_size={d.eval_batch_size}.")
   truth = _streams(config, np.random.default_rng([config.seed + 1, 0]), d.eval_size)
-  rows = sharding.process_slice(d.eval_batch_size)
-  baseline = jax.jit(lambda x, m: timeseries.next_step_mse(
-      timeseries.last_value_forecast(x, m, fill_value=fill_value), x, m)[0])
-  per_rate = {}
+  sets = {}
   for rate in d.eval_rates:
     mask = _mask(config, np.random.default_rng([config.seed + 1, 1]), d.eval_size, rate)
     x = np.where(mask, truth, np.nan).astype(np.float32)
-    total, weight = jax.device_get(baseline(x, mask))
-    batches = []
-    for start in range(0, d.eval_size, d.eval_batch_size):
-      part = slice(start, start + d.eval_batch_size)
-      local = {"x": x[part][rows], "mask": mask[part][rows], "truth": truth[part][rows]}
-      batches.append(sharding.shard_batch(local, mesh))
-    per_rate[rate] = (batches, float(total / weight))
+    arrays = {"x": x, "mask": mask, "truth": truth}
+    sets[f"miss{round(100 * rate)}"] = evaluation.fixed_batches(arrays, d.eval_batch_size)
+  return sets
 
-  def sums(params, batch):
-    pred = model.apply({"params": params}, batch["x"], batch["mask"], fill_value=fill_value)
-    (obs_t, obs_w), _ = timeseries.next_step_mse(pred, batch["x"], batch["mask"])
-    _, (full_t, full_w) = timeseries.next_step_mse(pred, batch["truth"], batch["mask"])
-    return obs_t, obs_w, full_t, full_w
 
-  repl = sharding.replicated(mesh)
-  sums = jax.jit(sums, in_shardings=(repl, sharding.batch_sharding(mesh)), out_shardings=repl)
+def make_eval_sums(model, fill_value):
+  """Held-out MSE of the t+1 forecast over observed targets (`mse`), over every target against
+  the ground truth (`full_mse`), and of the last observed value (`last_value_mse`)."""
 
-  def extra_eval(state):
-    result = {}
-    for rate, (batches, base) in per_rate.items():
-      acc = np.zeros(4)
-      for batch in batches:
-        acc += np.asarray(jax.device_get(sums(state.params, batch)), np.float64)
-      name = round(100 * rate)
-      result[f"mse_miss{name}"] = acc[0] / max(acc[1], 1.0)
-      result[f"full_mse_miss{name}"] = acc[2] / max(acc[3], 1.0)
-      result[f"last_value_mse_miss{name}"] = base
-    return result
+  def eval_sums(params, model_state, batch, key):
+    del model_state, key
+    x, mask, rows = batch["x"], batch["mask"], batch["valid"][:, None, None]
 
-  return extra_eval
+    def mse(pred, y, counted):  # row t forecasts t + 1; filler rows (valid False) count nowhere
+      return losses.masked_mse(pred[:, :-1], y[:, 1:], (counted & rows)[:, 1:])
+
+    pred = model.apply({"params": params}, x, mask, fill_value=fill_value)
+    last = timeseries.last_value_forecast(x, mask, fill_value=fill_value)
+    return {"mse": mse(pred, x, mask), "full_mse": mse(pred, batch["truth"], jnp.ones_like(mask)),
+            "last_value_mse": mse(last, x, mask)}
+
+  return eval_sums
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = build_model(config)
   fill_value = jnp.asarray(fill_mean(config))
-  mesh = sharding.make_mesh()
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_data = iterators.SyntheticBatches(make_batch_fn(config), config.train.batch_size,
                                           config.seed, **proc)
@@ -203,9 +186,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     x = jnp.zeros((1, config.data.steps, 3), jnp.float32)
     return model.init(key, x, jnp.ones(x.shape, jnp.bool_), fill_value=fill_value)["params"], {}
 
+  sets = eval_data(config)
   task = train.Task(init=init, loss=make_loss(model, fill_value),
                     optimizer=optax.adam(config.train.learning_rate), train_data=train_data,
-                    extra_eval=make_evaluator(config, model, fill_value, mesh=mesh))
+                    eval_data=lambda: sets, eval_sums=make_eval_sums(model, fill_value))
   _, final = train.train(task, train.LoopOptions.from_config(config.train), workdir,
-                         seed=config.seed, mesh=mesh)
+                         seed=config.seed)
   return final

@@ -29,9 +29,6 @@ unmasked 0.627 -> 0.529 at 4x; masked_loss_only 0.418 -> 0.230 (chance is 0.25).
 
 from __future__ import annotations
 
-import dataclasses
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -39,9 +36,10 @@ import numpy as np
 import optax
 
 from experiments import common
-from maskax import layers, losses, masks, sharding, train
+from maskax import evaluation, losses, masks, train
 from maskax.data import iterators, synthetic
-from maskax.scan import PaddedRNN, bucket_boundaries, bucket_for
+from maskax.models.padded_gru import Masking, PaddedGRUClassifier, apply
+from maskax.scan import bucket_boundaries, bucket_for
 
 PRESETS = {
     "default": "conv(2)-BN-ReLU-GRU(32), lengths 5-200, batch 32, 500 steps (~1.5 min on CPU)",
@@ -51,16 +49,6 @@ REPORT_METRICS = ("eval/acc_pad1x", "eval/acc_pad2x", "eval/acc_pad4x", "eval/dr
                   "eval/drift_pad4x", "eval/train_drift_pad4x", "eval/acc_keras_mask",
                   "eval/keras_drift")
 CLASSES = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class Masking:
-  """Which masking points are on (True = mask-aware)."""
-
-  state: bool  # frozen carry past each length (padded_scan's step mask)
-  loss: bool  # per-step loss over valid steps only (else over all T steps)
-  batch_norm: bool  # MaskedBatchNorm (else nn.BatchNorm over every position)
-  conv: bool  # MaskedConv1D (else nn.Conv reading and writing the padding)
 
 
 VARIANTS = {
@@ -89,7 +77,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.blackout_prob = 0.3  # share of sequences with 1..blackout_max real all-zero steps
   c.data.blackout_max = 3
   c.data.trailing_share = 0.5  # share of blackouts that end the sequence (a black last frame)
-  c.data.eval_size = 512  # held-out sequences (a multiple of eval_batch_size)
+  c.data.eval_size = 512  # held-out sequences
   c.data.eval_batch_size = 64  # sorted by length, so pad1x is close to each sequence's length
   c.data.pad_factors = (1, 2, 4)  # held-out padding: T = factor x the batch's bucket length
   c.model = ml_collections.ConfigDict()
@@ -119,66 +107,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   return c
 
 
-class PaddedGRUClassifier(nn.Module):
-  """Optional conv front end -> batch norm -> ReLU -> GRU -> per-step and final-carry logits."""
-
-  masking: Masking
-  classes: int = CLASSES
-  hidden: int = 32
-  conv_layers: int = 2
-  conv_features: int = 16
-  conv_kernel: int = 5
-  bn_momentum: float = 0.9
-  output_policy: str = "zero"
-
-  @nn.compact
-  def __call__(self, x, step_mask, *, train: bool):
-    """x f32[B, T, F], step_mask bool[B, T] (True = counts; unused where masking is off).
-
-    Returns (per-step logits f32[B, T, C], logits of the final carry f32[B, C]).
-    """
-    m, h = self.masking, x
-    for i in range(self.conv_layers):
-      if m.conv:
-        h = layers.MaskedConv1D(self.conv_features, self.conv_kernel, name=f"conv{i}")(
-            h, step_mask)
-      else:
-        h = nn.Conv(self.conv_features, (self.conv_kernel,), padding="SAME", name=f"conv{i}")(h)
-      if i < self.conv_layers - 1:
-        h = nn.relu(h)
-    if m.batch_norm:
-      h = layers.MaskedBatchNorm(momentum=self.bn_momentum, name="bn")(
-          h, step_mask, use_running_average=not train)
-      # relu(0) = 0 keeps the padding at 0 here; the remask states the contract for any
-      # elementwise op that does not (sigmoid, +bias).
-      h = layers.remask(nn.relu(h), step_mask)
-    else:
-      h = nn.relu(nn.BatchNorm(momentum=self.bn_momentum, use_running_average=not train,
-                               name="bn")(h))
-    carry, outputs = PaddedRNN("gru", self.hidden, output_policy=self.output_policy, name="gru")(
-        h, mask=step_mask if m.state else None, return_carry=True)
-    head = nn.Dense(self.classes, name="head")
-    return head(outputs), head(carry)
-
-
 def build_model(config) -> PaddedGRUClassifier:
   if config.ablation.variant not in VARIANTS:
     raise ValueError(f"ablation.variant={config.ablation.variant!r}: use one of "
                      f"{', '.join(VARIANTS)}.")
   m = config.model
-  return PaddedGRUClassifier(VARIANTS[config.ablation.variant], hidden=m.hidden,
-                             conv_layers=m.conv_layers, conv_features=m.conv_features,
-                             conv_kernel=m.conv_kernel, bn_momentum=m.bn_momentum,
-                             output_policy=m.output_policy)
-
-
-def apply(model, params, model_state, x, step_mask, *, train: bool):
-  """(step logits f32[B, T, C], final logits f32[B, C], new model_state); train = batch stats."""
-  variables = {"params": params, **model_state}
-  if not train:
-    return (*model.apply(variables, x, step_mask, train=False), model_state)
-  out, updates = model.apply(variables, x, step_mask, train=True, mutable=["batch_stats"])
-  return (*out, {**model_state, **updates})
+  return PaddedGRUClassifier(VARIANTS[config.ablation.variant], classes=CLASSES,
+                             hidden=m.hidden, conv_layers=m.conv_layers,
+                             conv_features=m.conv_features, conv_kernel=m.conv_kernel,
+                             bn_momentum=m.bn_momentum, output_policy=m.output_policy)
 
 
 def make_loss(model):
@@ -211,7 +148,13 @@ def pad_batch(seqs: dict, steps: int) -> dict:
 
 
 def make_data(config):
-  """(make_batch(rng, n) for SyntheticBatches, held-out sequences, bucket boundaries)."""
+  """(make_batch(rng, n) for SyntheticBatches, held-out batches, held-out facts, boundaries).
+
+  Held-out sequences are sorted by length and each batch is padded to its bucket (pad1x);
+  `make_eval_sums` pads further on the device. The facts do not depend on the padding: the
+  share of rows that Keras' rule cuts short and the Bayes-optimal accuracy (sign of the
+  channel-0 sum; the recall bit is exact).
+  """
   d = config.data
   boundaries = bucket_boundaries(d.max_length, d.num_buckets, multiple_of=8)
   kw = dict(max_length=d.max_length, min_length=d.min_length, features=d.features,
@@ -224,87 +167,62 @@ def make_data(config):
 
   held_out = synthetic.drift_recall_sequences(
       np.random.default_rng([config.seed + 1, 0]), d.eval_size, **kw)
-  return make_batch, held_out, boundaries
+  x, lengths = held_out["x"], held_out["lengths"]
+  order = np.argsort(lengths, kind="stable")
+  rows = {k: held_out[k][order] for k in ("x", "labels", "lengths")}
+  batches = evaluation.fixed_batches(rows, d.eval_batch_size)
+  for i, batch in enumerate(batches):
+    members = rows["lengths"][i * d.eval_batch_size:(i + 1) * d.eval_batch_size]
+    batch.update(pad_batch(batch, bucket_for(int(members.max()), boundaries)))
+  valid = np.arange(x.shape[1])[None] < lengths[:, None]
+  facts = {"keras_mask_rows": float(np.any(np.all(x == 0, axis=-1) & valid, axis=-1).mean()),
+           "bayes_acc": float(np.mean((x[:, :, 0].sum(1) > 0) == (held_out["sign"] > 0)))}
+  return make_batch, batches, facts, boundaries
 
 
-def make_evaluator(model, held_out, *, boundaries, batch_size, pad_factors, mesh):
-  """`extra_eval(state)`: accuracy and prediction drift per padding factor, Keras-mask check.
-
-  held_out: drift_recall_sequences output (global; each process takes its rows of a batch).
-  """
-  n = len(held_out["lengths"])
-  if n % batch_size:
-    raise ValueError(f"data.eval_size={n} must be a multiple of data.eval_batch_size="
-                     f"{batch_size}.")
-  order = np.argsort(held_out["lengths"], kind="stable")
-  rows = sharding.process_slice(batch_size)
-  batches = []  # per batch: {factor: {x, explicit mask}}, {x, Keras mask}, global final labels
-  for start in range(0, n, batch_size):
-    members = order[start:start + batch_size]
-    seqs = {k: v[members[rows]] for k, v in held_out.items()}  # this process's rows
-    t1 = bucket_for(int(held_out["lengths"][members].max()), boundaries)
-    padded = {}
-    for f in pad_factors:
-      x = pad_batch(seqs, f * t1)["x"]
-      mask = np.asarray(masks.sequence_mask(seqs["lengths"], f * t1))
-      padded[f] = sharding.shard_batch({"x": x, "mask": mask}, mesh)
-    x = pad_batch(seqs, t1)["x"]
-    keras = {"x": x, "mask": np.asarray(masks.mask_from_value(x))}  # Keras Masking(0.)
-    keras = sharding.shard_batch(keras, mesh)
-    # Predictions come back global (replicated), so the labels are the whole batch's.
-    final = held_out["labels"][members, held_out["lengths"][members] - 1]
-    batches.append((padded, keras, final))
-  repl = sharding.replicated(mesh)
-
-  def predict(params, model_state, batch):
-    probs = lambda train: jax.nn.softmax(
-        apply(model, params, model_state, batch["x"], batch["mask"], train=train)[1])
-    return probs(False), probs(True)
-
-  predict = jax.jit(predict, in_shardings=(repl, repl, sharding.batch_sharding(mesh)),
-                    out_shardings=repl)
-  # Padding-independent facts about the held-out set: rows that Keras' rule cuts short, and
-  # the Bayes-optimal accuracy (sign of the channel-0 sum; the recall bit is exact).
-  x1 = held_out["x"]
-  valid = np.arange(x1.shape[1])[None] < held_out["lengths"][:, None]
-  keras_rows = np.any(np.all(x1 == 0, axis=-1) & valid, axis=-1)
-  bayes = np.mean((x1[:, :, 0].sum(1) > 0) == (held_out["sign"] > 0))
+def make_eval_sums(model, pad_factors):
+  """Held-out sums: accuracy at each padding factor (zeros up to factor x the batch's bucket),
+  the largest change of a predicted class probability against the first factor (also with
+  batch statistics, `train_drift`), and accuracy and drift with the Keras value mask."""
   first, last = pad_factors[0], pad_factors[-1]
+  runs = [(f, False, None) for f in pad_factors] + [(first, True, None), (last, True, None),
+                                                      (1, False, "keras")]
 
-  def extra_eval(state):
-    correct = {f: 0 for f in pad_factors}
-    drift = {f: 0.0 for f in pad_factors}
-    keras_correct, keras_drift, train_drift = 0, 0.0, 0.0
-    for padded, keras, final in batches:
-      out = {f: jax.device_get(predict(state.params, state.model_state, padded[f]))
-             for f in pad_factors}
-      k_probs, _ = jax.device_get(predict(state.params, state.model_state, keras))
-      for f in pad_factors:
-        correct[f] += int(np.sum(out[f][0].argmax(-1) == final))
-        drift[f] = max(drift[f], float(np.max(np.abs(out[f][0] - out[first][0]))))
-      train_drift = max(train_drift, float(np.max(np.abs(out[last][1] - out[first][1]))))
-      keras_correct += int(np.sum(k_probs.argmax(-1) == final))
-      keras_drift = max(keras_drift, float(np.max(np.abs(k_probs - out[first][0]))))
-    result = {f"acc_pad{f}x": correct[f] / n for f in pad_factors}
-    result.update({f"drift_pad{f}x": drift[f] for f in pad_factors if f != first})
-    result.update({f"train_drift_pad{last}x": train_drift, "acc_keras_mask": keras_correct / n,
-                   "keras_drift": keras_drift, "keras_mask_rows": float(keras_rows.mean()),
-                   "bayes_acc": float(bayes)})
-    return result
+  def eval_sums(params, model_state, batch, key):
+    del key
+    x1, lengths, valid = batch["x"], batch["lengths"], batch["valid"]
+    final = jnp.take_along_axis(batch["labels"], (lengths - 1)[:, None], axis=1)[:, 0]
 
-  return extra_eval
+    def logits(factor, train, mask):
+      x = jnp.pad(x1, ((0, 0), (0, (factor - 1) * x1.shape[1]), (0, 0)))
+      mask = masks.mask_from_value(x1) if mask else masks.sequence_mask(lengths, x.shape[1])
+      return apply(model, params, model_state, x, mask, train=train)[1]
+
+    # One compiled softmax for every run (a loop body): fused into each consumer instead, XLA
+    # may round equal logits differently, a spurious 1e-8 of drift (measured on `smoke`).
+    probs = jax.lax.map(jax.nn.softmax, jnp.stack([logits(*r) for r in runs]))
+    p = dict(zip(runs, probs))
+    p1 = p[(first, False, None)]
+    # Filler rows of a last batch (valid False) repeat a real row: they leave a Max unchanged.
+    acc = lambda q: (jnp.sum((q.argmax(-1) == final) & valid, dtype=jnp.float32),
+                     jnp.sum(valid, dtype=jnp.float32))
+    drift = lambda q, r: evaluation.Max(jnp.max(jnp.abs(q - r)))
+    sums = {f"acc_pad{f}x": acc(p[(f, False, None)]) for f in pad_factors}
+    sums.update({f"drift_pad{f}x": drift(p[(f, False, None)], p1) for f in pad_factors[1:]})
+    sums[f"train_drift_pad{last}x"] = drift(p[(last, True, None)], p[(first, True, None)])
+    keras = p[(1, False, "keras")]  # Keras Masking(0.): the mask inferred from the values
+    sums.update(acc_keras_mask=acc(keras), keras_drift=drift(keras, p1))
+    return sums
+
+  return eval_sums
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = build_model(config)
-  make_batch, held_out, boundaries = make_data(config)
-  mesh = sharding.make_mesh()
+  make_batch, eval_batches, facts, boundaries = make_data(config)
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_data = iterators.SyntheticBatches(make_batch, config.train.batch_size, config.seed,
                                           **proc)
-  extra_eval = make_evaluator(model, held_out, boundaries=boundaries,
-                              batch_size=config.data.eval_batch_size,
-                              pad_factors=tuple(config.data.pad_factors), mesh=mesh)
 
   def init(key):
     x = jnp.zeros((2, boundaries[0], config.data.features), jnp.float32)
@@ -312,8 +230,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return variables["params"], {"batch_stats": variables["batch_stats"]}
 
   task = train.Task(init=init, loss=make_loss(model),
-                    optimizer=optax.adam(config.train.learning_rate),
-                    train_data=train_data, extra_eval=extra_eval)
+                    optimizer=optax.adam(config.train.learning_rate), train_data=train_data,
+                    eval_data=lambda: eval_batches,
+                    eval_sums=make_eval_sums(model, tuple(config.data.pad_factors)),
+                    eval_finish=lambda sums: facts)
   _, final = train.train(task, train.LoopOptions.from_config(config.train), workdir,
-                         seed=config.seed, mesh=mesh)
+                         seed=config.seed)
   return final

@@ -1,5 +1,6 @@
 """The BERT experiment: the four MLM reductions, empty masks, smoke train/checkpoint/resume."""
 
+import json
 import os
 
 import jax
@@ -119,6 +120,22 @@ def test_smoke_trains_checkpoints_and_resumes(tmp_path):
   proc = launch(*args, "--config.train.steps=6", "--allow_config_change", check=True)
   assert "resumed at step 4" in proc.stderr
   assert os.path.isdir(tmp_path / "checkpoints" / "6")
+  # Using the trained run reads it with its saved config and writes nothing into the workdir.
+  before = {p: os.path.getmtime(tmp_path / p) for p in ("config.json", "metrics.jsonl")}
+  inputs = tmp_path.parent / "inputs.txt"
+  inputs.write_text("the [MASK] is returned .\nopen the file . ||| read it .\n")
+  proc = launch("--config=experiments/bert_pretrain.py", f"--workdir={tmp_path}",
+                f"--predict={inputs}", check=True)
+  masks, pair = [json.loads(line) for line in proc.stdout.splitlines()]
+  assert len(masks["masks"]) == 1 and len(masks["masks"][0]) == 5
+  assert 0 < pair["is_next_probability"] < 1
+  proc = launch("--config=experiments/bert_pretrain.py", f"--workdir={tmp_path}",
+                f"--export={tmp_path.parent / 'hf'}", check=True)
+  assert (tmp_path.parent / "hf" / "model.safetensors").exists()
+  assert before == {p: os.path.getmtime(tmp_path / p) for p in before}
+  proc = launch("--config=experiments/bert_pretrain.py", f"--workdir={tmp_path}",
+                "--predict=/nonexistent.txt")
+  assert proc.returncode == 1 and "--predict=/nonexistent.txt: no such file" in proc.stderr
 
 
 def test_weight_decay_spares_layer_norm_and_biases(setup):
@@ -173,7 +190,7 @@ def test_exported_run_gives_transformers_the_same_predictions(trained_smoke, tmp
   transformers = pytest.importorskip("transformers")
   torch = pytest.importorskip("torch")
   config, workdir = trained_smoke
-  out = bert_pretrain.export_hf(config, workdir, str(tmp_path / "hf"))
+  out = bert_pretrain.export(config, workdir, str(tmp_path / "hf"))
   hf, info = transformers.BertForPreTraining.from_pretrained(out, output_loading_info=True)
   assert not any(info.values()), info
   hf.eval()

@@ -2,7 +2,6 @@
 count, the eval scores come from the right confusion matrix, and `smoke` trains and resumes."""
 
 import os
-import types
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,8 @@ from PIL import Image
 
 from conftest import launch, resume_to_six
 from experiments import fcn_segmentation as fcn
-from maskax import metrics, sharding
+from maskax import evaluation, metrics, sharding, train
+from maskax.train_step import make_eval_step
 
 C, B, H, W = 4, 2, 8, 8
 SMOKE = "--config=experiments/fcn_segmentation.py:smoke"
@@ -173,9 +173,14 @@ def test_eval_scores_equal_scores_of_a_numpy_confusion_matrix(model_and_params):
   rng = np.random.default_rng(6)
   images = rng.uniform(size=(n, H, W, 3)).astype(np.float32)
   labels = _labels(7, (n, H, W)).astype(np.uint8)
-  mesh = sharding.make_mesh(jax.devices()[:2])
-  extra_eval = fcn.make_evaluator(model, images, labels, batch_size=4, mesh=mesh)
-  got = extra_eval(types.SimpleNamespace(params=params))
+  batches = evaluation.fixed_batches({"image": images, "label": labels}, 4)
+  # The experiment's evaluation through the loop's own evaluator, on 2 devices.
+  task = train.Task(init=None, loss=None, optimizer=None, train_data=None,
+                    eval_data=lambda: batches, eval_sums=fcn.make_eval_sums(model),
+                    eval_finish=fcn.eval_finish)
+  state = train.TrainState(step=jnp.int32(0), params=params, opt_state={}, model_state={},
+                           key=_key(0))
+  got = make_eval_step(task, sharding.make_mesh(jax.devices()[:2]))(state)
 
   logits = np.asarray(model.apply({"params": params}, images, train=False))
   pred = logits.argmax(-1)

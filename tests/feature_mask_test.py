@@ -138,6 +138,36 @@ def test_baseline_and_next_step_mse():
   assert float(obs_w) == mask[:, 1:].sum() and float(full_w) == B * (T - 1) * F
 
 
+def test_eval_sums_skip_filler_rows_and_score_the_baseline(lstm_setup):
+  model, params = lstm_setup
+  x, mask = _data(5)
+  batch = {"x": np.where(mask, x, np.nan).astype(np.float32), "mask": mask, "truth": x,
+           "valid": np.array([True, True, False])}  # row 2 is filler: it must count nowhere
+  sums = jax.jit(fm.make_eval_sums(model, jnp.asarray(FILL)))(params, {}, batch, None)
+  pred = model.apply({"params": params}, x[:2], mask[:2], fill_value=FILL)
+  (obs_t, obs_w), (full_t, full_w) = timeseries.next_step_mse(pred, x[:2], mask[:2])
+  base = timeseries.last_value_forecast(x[:2], mask[:2], fill_value=FILL)
+  want = {"mse": (obs_t, obs_w), "full_mse": (full_t, full_w),
+          "last_value_mse": timeseries.next_step_mse(base, x[:2], mask[:2])[0]}
+  for name, (total, weight) in want.items():
+    np.testing.assert_allclose(sums[name][0], total, rtol=1e-5, err_msg=name)
+    assert float(sums[name][1]) == float(weight), name
+
+
+def test_eval_data_masks_the_same_streams_at_every_rate():
+  config = fm.get_config("smoke")
+  sets = fm.eval_data(config)
+  assert list(sets) == ["miss0", "miss20", "miss40", "miss60"]
+  truth = np.concatenate([b["truth"] for b in sets["miss0"]])
+  for batches in sets.values():
+    x = np.concatenate([b["x"] for b in batches])
+    mask = np.concatenate([b["mask"] for b in batches])
+    np.testing.assert_array_equal(np.concatenate([b["truth"] for b in batches]), truth)
+    np.testing.assert_array_equal(np.isnan(x), ~mask)
+  missing = [1.0 - np.concatenate([b["mask"] for b in sets[k]]).mean() for k in sets]
+  assert missing[0] == 0.0 and missing == sorted(missing) and missing[-1] > 0.45
+
+
 def test_training_batches_hide_missing_values_and_mix_rates():
   config = fm.get_config("smoke")
   config.data.steps = 32

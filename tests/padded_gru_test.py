@@ -13,6 +13,7 @@ from conftest import launch, resume_to_six
 from experiments import padded_gru as pg
 from maskax import masks
 from maskax.data import synthetic
+from maskax.models import padded_gru
 
 B, T, F = 4, 12, 4
 LENGTHS = np.array([12, 7, 3, 5], np.int32)  # the first row touches T at pad1x
@@ -21,8 +22,8 @@ SMOKE = "--config=experiments/padded_gru.py:smoke"
 
 
 def _model(variant):
-  return pg.PaddedGRUClassifier(pg.VARIANTS[variant], hidden=8, conv_layers=2, conv_features=4,
-                                conv_kernel=3)
+  return padded_gru.PaddedGRUClassifier(pg.VARIANTS[variant], hidden=8, conv_layers=2,
+                                        conv_features=4, conv_kernel=3)
 
 
 def _padded(x, steps, fill):
@@ -42,10 +43,10 @@ def setups():
     model = _model(variant)
     variables = model.init(jax.random.key(1), x_pad, valid, train=False)
     params, state = variables["params"], {"batch_stats": variables["batch_stats"]}
-    state = pg.apply(model, params, state, x_pad * 2.0 + 1.0, valid, train=True)[2]
+    state = padded_gru.apply(model, params, state, x_pad * 2.0 + 1.0, valid, train=True)[2]
 
     def predict(params, state, x, mask, train, model=model):
-      return jax.nn.softmax(pg.apply(model, params, state, x, mask, train=train)[1])
+      return jax.nn.softmax(padded_gru.apply(model, params, state, x, mask, train=train)[1])
 
     out[variant] = (model, params, state, jax.jit(predict, static_argnums=4))
   return x, out
@@ -82,7 +83,7 @@ def test_running_statistics_see_padding_only_in_plain_bn(setups):
   means = {}
   for variant in ("fully_masked", "plain_bn"):
     model, params, state, _ = models[variant]
-    means[variant] = [pg.apply(model, params, state, *_padded(x, k * T, 0.0), train=True)[2]
+    means[variant] = [padded_gru.apply(model, params, state, *_padded(x, k * T, 0.0), train=True)[2]
                       ["batch_stats"]["bn"]["mean"] for k in (1, 4)]
   np.testing.assert_allclose(*means["fully_masked"], atol=1e-6)
   assert float(jnp.max(jnp.abs(means["plain_bn"][0] - means["plain_bn"][1]))) > 1e-3
@@ -129,6 +130,27 @@ def test_loss_counts_valid_steps_only_when_masked(setups):
     assert float(metrics["acc"][1]) == B
     changed = float(loss(params, garbage)[0]["xent"][0]) != float(terms["xent"][0])
     assert changed == (variant == "unmasked")  # padded labels count only when unmasked
+
+
+def test_eval_sums_count_real_rows_and_see_no_drift_when_fully_masked(setups):
+  """The experiment's held-out sums on one batch with a filler row: accuracy counts real rows
+  only; drift is float noise for the fully masked model and large for the unmasked one."""
+  x, models = setups
+  x_pad, _ = _padded(x, T, 0.0)
+  labels = np.random.default_rng(4).integers(0, pg.CLASSES, size=(B, T)).astype(np.int32)
+  batch = {"x": x_pad, "labels": labels, "lengths": LENGTHS,
+           "valid": np.array([True, True, True, False])}
+  final = labels[np.arange(B), LENGTHS - 1]
+  for variant in ("fully_masked", "unmasked"):
+    model, params, state, predict = models[variant]
+    sums = jax.jit(pg.make_eval_sums(model, (1, 2, 4)))(params, state, batch, None)
+    pred = np.asarray(predict(params, state, x_pad, np.arange(T)[None] < LENGTHS[:, None], False))
+    correct = (pred.argmax(-1) == final)[:3].sum()
+    assert [float(v) for v in sums["acc_pad1x"]] == [correct, 3.0]
+    drift = float(sums["drift_pad4x"].value)
+    assert drift < 1e-6 if variant == "fully_masked" else drift > 1e-3, (variant, drift)
+    # No real all-zero steps in x: Keras' value rule finds exactly the lengths' mask.
+    assert float(sums["keras_drift"].value) < 1e-6
 
 
 def test_pad_batch_and_unknown_variant():

@@ -66,15 +66,27 @@ class Task:
          terms and metrics are dicts `name -> (total, weight)` over the global batch; terms are
          optimised (and logged), metrics only logged. Both are averaged over a log interval or
          an eval pass as sum(total) / sum(weight).
-  extra_eval: state -> dict of floats, for metrics that are not (total, weight) pairs
-         (mIoU, generation samples, long-context evaluation); called at every evaluation.
+  eval_data: () -> fixed held-out batches (process-local, like train_data;
+         `evaluation.fixed_batches`), or {set name: batches}: metric m of set s is logged as
+         `eval/m_s`. Called once; the batches are sharded then and kept on the devices.
+  eval_sums: (params, model_state, batch, key) -> {name: sums} over the global batch, jitted
+         once: (total, weight) pairs, `evaluation.Max`, or any array summed over batches,
+         devices and processes (a confusion matrix). None: the pairs of `loss(train=False)`.
+  eval_finish: host-side {name: summed NumPy value} -> {name: float}, for sums that are not
+         pairs or Max (mean IoU from a confusion matrix); see `maskax.evaluation`.
+  extra_eval: state -> dict of floats, called at every evaluation, for what is no sum over a
+         fixed batch: sampled text, a decoder's search (BLEU), constants such as a baseline.
   """
 
   init: Callable[[jax.Array], tuple[Any, Any]]
   loss: Callable[..., tuple[Pairs, Pairs, Any]]
   optimizer: optax.GradientTransformation
   train_data: DataIterator
-  eval_data: Callable[[], Iterable[dict]] | None = None
+  eval_data: Callable[[], Iterable[dict] | Mapping[str, Iterable[dict]]] | None = None
+  eval_sums: Callable[..., Mapping[str, Any]] | None = None
+  eval_finish: Callable[[Mapping[str, Any]], Mapping[str, float]] | None = None
+  # Kept because sampling text (char_rnn) and beam search (seq2seq) loop over their own outputs
+  # on the host: they are no sum over a fixed batch that `eval_sums` could express.
   extra_eval: Callable[[TrainState], Mapping[str, float]] | None = None
 
 
@@ -139,15 +151,12 @@ def _sums_from_json(saved) -> dict | None:
 
 
 def evaluate(task: Task, state: TrainState, eval_step, mesh) -> dict[str, float]:
-  """One pass over `task.eval_data()` plus `task.extra_eval`, as `eval/<name>` floats."""
+  """`eval_step(state)` (the task's `evaluation.Evaluator` from `make_eval_step`, None without
+  eval data) plus `task.extra_eval`, as `eval/<name>` floats."""
+  del mesh  # the evaluator holds it
   metrics: dict[str, float] = {}
-  if task.eval_data is not None:
-    sums = None
-    for batch in task.eval_data():
-      sums = _add(sums, eval_step(state, sharding_lib.shard_batch(batch, mesh)))
-    if sums is None:
-      raise ValueError("the evaluation data is empty; check the eval split of the data config.")
-    metrics.update(sums_to_metrics(sums, "eval/"))
+  if eval_step is not None:
+    metrics.update({"eval/" + k: v for k, v in eval_step(state).items()})
   if task.extra_eval is not None:
     metrics.update({"eval/" + k: float(v) for k, v in task.extra_eval(state).items()})
   return metrics
@@ -210,6 +219,10 @@ def train(task: Task, options: LoopOptions, workdir: str, *, seed: int,
 
 def _run(task, options, workdir, seed, mesh, checkpointer, stop_signal):
   state, data_state, loop = init_or_restore(task, seed, mesh, checkpointer)
+  # Every checkpoint carries the run's resolved config and topology (what the launcher wrote
+  # to the workdir), so a resume can be checked against the checkpoint itself even when
+  # config.json was deleted or edited (`runs.write_config`).
+  loop.update(runs.read_run_record(workdir))
   if data_state is not None:
     task.train_data.set_state(data_state)
   step = int(jax.device_get(state.step))
@@ -219,10 +232,6 @@ def _run(task, options, workdir, seed, mesh, checkpointer, stop_signal):
   eval_step = make_eval_step(task, mesh)
   stop_flags = {flag: sharding_lib.process_flag(flag, mesh) for flag in (False, True)}
   writer = progress_lib.MetricWriter(workdir, resume_step=step)
-  # Every checkpoint carries the run's resolved config and topology (what the launcher wrote
-  # to the workdir), so a resume can be checked against the checkpoint itself even when
-  # config.json was deleted or edited (`runs.write_config`).
-  loop.update(runs.read_run_record(workdir))
   progress = progress_lib.Progress(options.steps, step)
   final: dict[str, float] = {}
   sums, pending, stop = _sums_from_json(loop.get("log_sums")), None, False

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from maskax import evaluation
 from maskax import sharding as sharding_lib
 from maskax.losses import safe_div
 
@@ -127,13 +128,16 @@ def make_train_step(task, options, mesh, *, stop_vote: bool = False):
 
 
 def make_eval_step(task, mesh):
-  """`eval_step(state, batch) -> {name: (total, weight)}` of every term and metric."""
+  """The task's `evaluation.Evaluator` (None without `task.eval_data`): `task.eval_sums`, or
+  every `(total, weight)` term and metric of `task.loss(train=False)`, over each eval batch."""
+  if task.eval_data is None:
+    return None
 
-  def eval_step(state, batch):
+  def eval_sums(state, batch):
     key = jax.random.fold_in(state.key, _EVAL_FOLD)
+    if task.eval_sums is not None:
+      return task.eval_sums(state.params, state.model_state, batch, key)
     terms, metrics, _ = task.loss(state.params, state.model_state, batch, key, train=False)
     return {**terms, **metrics}
 
-  repl = sharding_lib.replicated(mesh)
-  return jax.jit(eval_step, in_shardings=(repl, sharding_lib.batch_sharding(mesh)),
-                 out_shardings=repl)
+  return evaluation.Evaluator(eval_sums, task.eval_data, mesh, finish=task.eval_finish)

@@ -1,4 +1,4 @@
-"""Padded scans: the DESIGN.md rules, against a plain loop and against flax.linen.RNN."""
+"""Padded scans: the docs/design.md rules, against a plain loop and against flax.linen.RNN."""
 
 import functools
 

@@ -1,6 +1,6 @@
 """Padded scans over GRU/LSTM cells: frozen carry past each length, named output policies.
 
-Semantics (DESIGN.md, "Padded scan"). A step (b, t) is *valid* when `t < lengths[b]` and
+Semantics (docs/design.md, section 1). A step (b, t) is *valid* when `t < lengths[b]` and
 `mask[b, t]`. A valid step updates the carry as usual; an invalid one leaves it unchanged, so
 the final carry is the carry after the last valid step, or the initial carry when there is
 none (flax's `nn.RNN(seq_lengths=...)` returns the state after the padding for length 0: its

@@ -6,30 +6,9 @@ number of running chunks, so padding past a chunk's longest row costs nothing. F
 backward passes are written by hand (custom VJP, reverse mode only) so the backward pass
 touches the same rows.
 
-What the time goes to (2-core CPU, B=64, T=100, F=256, LSTM-256, XLA's profiler): ~75% in
-the per-step dots, whose efficiency falls as rows drop out (8 rows: ~145 GFLOP/s for `h @ w`,
-~205 for one large matmul), and ~15% in writing per-step residuals into fresh buffers
-(temporaries are touched anew on every call, ~0.3 ms per MB there). Hence: 4 saved vectors per
-step, not 5; the backward's pre-transposed weights (see `_skip_bwd`); each segment's loop
-carries only its running rows' carry, written back once after the loop (slicing it out of the
-full carry and writing it back every step cost 1-13% more); and x, the outputs and their
-gradients stay in the caller's row order, the running rows fetched or written by index each
-step, instead of whole-array sorts (one [B, T, F] temporary less: 57 -> 51 MB at LSTM-256;
-speed -3% to +6% over three runs, noise). Each measured in same-process A/B runs.
-
-Measured dead ends, kept here so nobody repeats them blind (same machine and shapes):
-- the input projection hoisted out of the loop (one [B*T, F] matmul forward, d_x and the
-  w_i gradient as two more after the backward): LSTM-256 170 vs 129 ms; the same over a
-  packed (row, step) layout made the forward slower too;
-- the weight gradients out of the loop, from gate gradients recorded per step, as one matmul
-  over all (row, step) (143 vs 121 ms) or as blocked matmuls over a packed layout (no faster):
-  in the loop they already run at ~135 GFLOP/s, and the recording buffer costs more;
-- two or four steps per weight-gradient update (K = 2 or 4 times the rows, the [F + D, G*D]
-  sums read and written half or a quarter as often): -3% to +8% over four same-process runs,
-  inside the noise; a single fused [x, h] matmul for the LSTM: no change;
-- the x buffer reused in place for d_x (saving one zeroed buffer): 139 vs 117 ms.
-Run-to-run noise on that shared machine is about +-5% in the ratio to flax; every decision
-above rests on same-process A/B runs repeated at least twice.
+A CPU path (`scan.padded_scan(..., skip_padding=True)`). Where its time goes, why it is shaped
+this way (saved vectors, pre-transposed weights, per-segment carries, row order) and the
+attempts that measured no faster are in docs/performance.md.
 """
 
 import jax

@@ -1,7 +1,7 @@
 """Recurrent forecasting over partially observed features: input strategies and the model.
 
 A validity mask `bool[B, T, F]` (True = observed) covers both missing features and missing
-timesteps (DESIGN.md, "Feature masks"). The model never reads a value where the mask is False:
+timesteps (docs/design.md, "Feature masks"). The model never reads a value where the mask is False:
 each strategy first replaces missing entries, then (except `zero_fill`) appends the mask as
 indicator features, as in Lipton, Kale & Wetzel, "Directly Modeling Missing Data in Sequences
 with RNNs" (MLHC 2016) and Che et al., "Recurrent Neural Networks for Multivariate Time Series

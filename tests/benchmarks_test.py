@@ -35,6 +35,7 @@ def _number(cell):
     ("scan_bench.py", "valid tok/s (median)", 12),  # 2 cells x 2 sizes x 3 implementations
     ("mlm_head_bench.py", "speed-up", 1),
     ("bert_step_bench.py", "tokens/s", 3),  # bf16/f32 gathered, bf16 full
+    ("bert_data_bench.py", "peak RSS MB", 7),  # --quick: one corpus, prepare/load/in-memory rows
 ])
 def test_benchmark_prints_a_measured_table(script, column, rows):
   header, body = _table(script)

@@ -77,6 +77,9 @@ flags.DEFINE_bool("verbose_errors", False, "Show full tracebacks for configurati
 flags.DEFINE_string("predict", None, "Use the trained run in --workdir on FILE ('-': stdin), one "
                     "input per line; prints one JSON line per input. Writes nothing to the "
                     "workdir. For experiments that define predict().")
+flags.DEFINE_string("predict_out", "predictions", "Folder (outside --workdir) where --predict "
+                    "writes the files of experiments whose predictions are files (label PNGs, "
+                    ".npz arrays); the JSON lines name them.")
 flags.DEFINE_string("export", None, "Write the trained run in --workdir to this folder in the "
                     "ecosystem's format (BERT: Hugging Face BertForPreTraining). For experiments "
                     "that define export().")
@@ -340,18 +343,35 @@ class _QuietLibraries:
     return record.levelno >= 30 or not noisy  # 30 = std logging.WARNING (absl numbers differ)
 
 
-def use_trained(module, name: str, config, workdir: str) -> None:
-  """--predict / --export: reads the run in `workdir` with the config it trained with (saved in
-  its newest checkpoint), and writes nothing there."""
-  import json
+def trained_config(module, config, workdir: str):
+  """The config to use the run in `workdir` with: the one it trained with (saved in its newest
+  checkpoint), except for the keys the experiment lists in `PREDICT_KEYS` (dotted keys or
+  subtrees, e.g. `temperature`, `decode`), which take their values from `config`, the command's
+  (preset and --config.KEY flags): they say how to predict (sampling temperature, beam width),
+  not what was trained. Every other key comes from the run, since the vocabulary, layer sizes
+  or data a model was built with cannot change after training: a user's value there would
+  build a model that does not fit the checkpoint, or read its inputs differently. Returns
+  `config` unchanged when the workdir has no checkpoint (predict() then says so)."""
   import ml_collections
   from maskax import runs
+  saved = runs.checkpoint_run_record(workdir) if runs.has_checkpoint(workdir) else None
+  if saved is None:
+    return config
+  keys = getattr(module, "PREDICT_KEYS", ())
+  return with_values(ml_collections.ConfigDict(saved[0]["config"]), {
+      k: v for k, v in runs.flatten(config.to_dict()).items()
+      if any(k == p or k.startswith(p + ".") for p in keys)})
+
+
+def use_trained(module, name: str, config, workdir: str) -> None:
+  """--predict / --export: reads the run in `workdir` with `trained_config`, writes nothing
+  there; --predict passes `out_dir` (--predict_out) to a predict() that takes one."""
+  import inspect
+  import json
   what = "predict" if FLAGS.predict else "export"
   if not hasattr(module, what):
     raise ValueError(f"experiment {name} has no {what}() yet; experiments with one: see README.")
-  saved = runs.checkpoint_run_record(workdir) if runs.has_checkpoint(workdir) else None
-  if saved is not None:
-    config = ml_collections.ConfigDict(saved[0]["config"])
+  config = trained_config(module, config, workdir)
   if FLAGS.export:
     print(f"wrote {module.export(config, workdir, FLAGS.export)}")
     return
@@ -361,7 +381,14 @@ def use_trained(module, name: str, config, workdir: str) -> None:
     lines = [line.rstrip("\n") for line in f if line.strip()]
   if not lines:
     raise ValueError(f"--predict={FLAGS.predict} holds no input lines.")
-  for record in module.predict(config, workdir, lines):
+  options = {}
+  if "out_dir" in inspect.signature(module.predict).parameters:  # its predictions are files
+    out_dir = os.path.realpath(FLAGS.predict_out)
+    if os.path.commonpath([out_dir, os.path.realpath(workdir)]) == os.path.realpath(workdir):
+      raise ValueError(f"--predict_out={FLAGS.predict_out} lies in the workdir {workdir}; "
+                       "predictions never go into the training record: pick another folder.")
+    options["out_dir"] = FLAGS.predict_out
+  for record in module.predict(config, workdir, lines, **options):
     print(json.dumps(record))
 
 
@@ -393,6 +420,7 @@ def main(argv):
       raise app.UsageError("--seed sets one seed, --seeds/--sweep=seed=... several: use one.")
     config.seed = FLAGS.seed
   workdir = FLAGS.workdir or os.path.join("runs", name, preset or "default")
+  runs.check_workdir(workdir)
   logging.info("experiment %s, preset %s, workdir %s, %d device(s) on %d process(es)",
                name, preset or "default", workdir, jax.device_count(), jax.process_count())
   if FLAGS.predict or FLAGS.export:

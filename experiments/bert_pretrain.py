@@ -59,8 +59,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.vocab_size = 8000  # WordPiece vocabulary when training one
   c.data.max_documents = 0  # >0: use only the first N documents (smoke tests)
   c.data.eval_fraction = 0.05  # held-out share of documents
-  c.data.split_seed = 0  # picks the held-out documents; apart from `seed`, so that runs with
-  # several training seeds score the same held-out set
+  c.data.seed = 0  # picks the held-out documents and their masks; apart from `seed`, so that
+  # runs with several training seeds score the same held-out set
   c.data.eval_batches = 8  # held-out batches per evaluation
   c.data.seq_len = 128  # max_seq_length
   c.data.max_predictions = 20  # max_predictions_per_seq (P)
@@ -132,7 +132,7 @@ def build_data(config, workdir):
   if config.data.max_documents:
     docs = docs[:config.data.max_documents]
   train_docs, eval_docs = corpus.split_documents(docs, config.data.eval_fraction,
-                                                 config.data.split_seed)
+                                                 config.data.seed)
   if not eval_docs:
     raise ValueError("data.eval_fraction leaves no held-out document; raise it or add data.")
   tok = tokenizer_lib.for_run(train_docs, config.data.vocab_size, workdir,
@@ -145,8 +145,8 @@ def build_data(config, workdir):
   train_data = BertBatches(train_docs, tok, masking=config.data.masking, seed=config.seed,
                            whole_word_masking=config.data.whole_word_masking, **common)
   # Held-out masks are static and fixed, so every evaluation scores the same predictions.
-  eval_iter = BertBatches(eval_docs, tok, masking="static", seed=config.seed + 1, dupe_factor=1,
-                          num_epochs=1, **common)
+  eval_iter = BertBatches(eval_docs, tok, masking="static", seed=config.data.seed + 1,
+                          dupe_factor=1, num_epochs=1, **common)
   eval_batches = [b for _, b in zip(range(config.data.eval_batches), eval_iter)]
   if not eval_batches:
     raise ValueError("the held-out split is smaller than one batch; raise data.eval_fraction.")

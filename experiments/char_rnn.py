@@ -9,8 +9,8 @@ zero state, shuffled) or `stateful` (B contiguous streams, carry passed on, grad
 window boundaries, carry checkpointed in the TrainState's model_state).
 
   python launch.py --config=experiments/char_rnn.py                         # train (CPU minutes)
-  python launch.py --config=experiments/char_rnn.py --config.mode=generate \
-      --config.prompt="The " --config.length=500 --config.temperature=0.8   # sample from it
+  echo "The " | python launch.py --config=experiments/char_rnn.py --workdir=runs/char_rnn/default \
+      --predict=- --config.length=500 --config.temperature=0.8   # sample after each line
   python launch.py --config=experiments/char_rnn.py:ablation --sweep=data.seq_len=25,100,400 \
       --workdir=runs/char_rnn/seq_len           # equal characters seen: steps = budget / (B*T)
   python launch.py --config=experiments/char_rnn.py:ablation --config.train.batch_chars=3200 \
@@ -20,7 +20,7 @@ window boundaries, carry checkpointed in the TrainState's model_state).
 
 Held-out bits/char are measured two ways on the same characters of the held-out tail:
 eval/bpc_reset (every 100-character window from a zero state) and eval/bpc_carried (the carry
-passed across the whole held-out text). Generate mode with --config.context_chars=N also
+passed across the whole held-out text). `continuation_study(config, workdir, context_chars=N)`
 compares generation from a reset state with generation after N held-out characters.
 Hardware: a 2-core CPU runs the default (1.6 M characters, 500 steps) in about 3.5 minutes.
 Expected (measured on a shared 2-core CPU): held-out bits/char 2.56 carried / 2.59 reset against
@@ -40,8 +40,7 @@ import optax
 from absl import logging
 
 from experiments import common
-from maskax import checkpoint as ckpt_lib
-from maskax import evaluation, losses, progress, sharding, train
+from maskax import evaluation, losses, progress, restore, sharding, train
 from maskax.data import chars, corpus
 from maskax.models import char_rnn
 
@@ -55,9 +54,12 @@ MODES = ("stateless", "stateful", "stateful_shuffled")
 REPORT_METRICS = ("eval/bpc_reset", "eval/bpc_carried", "bpc", "unigram_bpc", "tokens_per_s",
                   "steps", "batch_size")
 # Generation options (and the samples logged at each evaluation) may change when re-running in
-# a training workdir: they change what is printed, not what is trained.
+# a training workdir: they change what is printed, not what is trained. `mode` and
+# `context_chars` are keys of runs made before --predict replaced `mode=generate`.
 RESUME_SAFE_KEYS = ("mode", "prompt", "prompt_separator", "length", "temperature", "top_k",
                     "sample_seed", "context_chars", "log_sample_chars")
+# Keys --predict takes from the command line instead of the trained run (launch.trained_config).
+PREDICT_KEYS = ("length", "temperature", "top_k", "sample_seed")
 # The cosine schedule decays over train.steps: extending a run would change it mid-way.
 RESUME_PINNED_KEYS = ("train.steps",)
 
@@ -68,14 +70,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     raise ValueError(f"unknown preset {arg!r}; presets: {', '.join(PRESETS)}")
   c = ml_collections.ConfigDict()
   c.seed = 0  # init, window order and per-step keys derive from it
-  c.mode = "train"  # train | generate (restores the workdir's latest checkpoint)
-  c.prompt = "The "  # generation prompt; several prompts separated by prompt_separator
-  c.prompt_separator = "|"  # '' = the prompt is one string; else split into a ragged batch
-  c.length = 500  # characters generated per prompt in generate mode
+  c.prompt = "The "  # prompt of the samples logged during training; several separated by
+  c.prompt_separator = "|"  # this ('' = the prompt is one string; else a ragged batch)
+  c.length = 500  # characters sampled per prompt by --predict
   c.temperature = 0.8  # 0 = greedy
   c.top_k = 0  # 0 = sample from every character
   c.sample_seed = 0  # generation key; same seed -> same text
-  c.context_chars = 0  # generate mode, > 0: reset-vs-carried test after this many held-out chars
   c.log_sample_chars = 200  # characters sampled and logged at each evaluation (0 = none)
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # '' = the embedded corpus; else a UTF-8 text file or folder of *.txt
@@ -139,8 +139,7 @@ def load_ids(config, workdir: str | None = None):
   cut = len(text) - int(round(len(text) * config.data.eval_fraction))
   path = os.path.join(workdir, "vocab.json") if workdir else None
   if path and os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      vocab = chars.CharVocab.from_json(f.read())
+    vocab = saved_vocab(workdir)
   else:
     vocab = chars.build_vocab(text[:cut])
     if path and jax.process_index() == 0:
@@ -149,6 +148,15 @@ def load_ids(config, workdir: str | None = None):
         f.write(vocab.to_json())
   train_ids, held_out = chars.split_tail(vocab.encode(text), config.data.eval_fraction)
   return vocab, train_ids, held_out
+
+
+def saved_vocab(workdir: str) -> chars.CharVocab:
+  """The vocabulary a run trained with: WORKDIR/vocab.json, written by `load_ids`."""
+  path = os.path.join(workdir, "vocab.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: the run's vocabulary is needed to read text.")
+  with open(path, encoding="utf-8") as f:
+    return chars.CharVocab.from_json(f.read())
 
 
 def unigram_bpc(train_ids, held_out, vocab_size: int) -> float:
@@ -293,24 +301,6 @@ def _tokens_per_s(workdir, per_step: int) -> float:
   return float(np.median(rates)) * per_step if rates else float("nan")
 
 
-def restore_params(config, workdir, model, train_ids, mesh):
-  """The params of the workdir's latest checkpoint (ValueError when there is none)."""
-  task = build_task(config, model, train_ids)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1,
-                                       async_save=False)
-  try:
-    if checkpointer.latest_step() is None:
-      raise ValueError(f"mode=generate needs a trained model, but {workdir!r} has no checkpoint; "
-                       "train first with the same --config and --workdir.")
-    state, _, _ = train.init_or_restore(task, config.seed, mesh, checkpointer)
-  finally:
-    checkpointer.close()
-  if int(jax.device_get(state.step)) == 0:
-    raise ValueError(f"no checkpoint in {workdir!r} could be restored; retrain.")
-  logging.info("generating from the checkpoint at step %d", int(jax.device_get(state.step)))
-  return state.params
-
-
 def continuation_bpc(model, params, segments, context: int):
   """Held-out bits/char of a continuation after a reset state vs after a long context.
 
@@ -329,20 +319,36 @@ def continuation_bpc(model, params, segments, context: int):
           for name, pair in (("reset", reset), ("carried", carried))}
 
 
-def generate_mode(config, workdir, model, vocab, train_ids, held_out, mesh) -> dict:
-  """Prints `config.length` sampled characters after each prompt (a ragged batch)."""
-  params = sharding.to_host(restore_params(config, workdir, model, train_ids, mesh))
+def predict(config, workdir: str, lines: list[str]) -> list[dict]:
+  """Samples `config.length` characters after each line (a prompt) at `temperature` with
+  `top_k`, the rows of one ragged batch keyed from `sample_seed` (PREDICT_KEYS): one
+  {"prompt", "text"} per line. Characters the run never saw are a ValueError naming them."""
+  params = restore.restore_params(workdir).params
+  vocab = saved_vocab(workdir)
+  unknown = sorted({c for line in lines for c in line} - set(vocab.chars))
+  if unknown:
+    raise ValueError(f"characters outside the run's vocabulary of {vocab.size - 1}: {unknown}; "
+                     "remove or replace them.")
+  sample = make_sampler(build_model(config, vocab.size), vocab, config)
+  texts = sample(params, lines, config.length, jax.random.key(config.sample_seed))
+  return [{"prompt": prompt, "text": text} for prompt, text in zip(lines, texts)]
+
+
+def continuation_study(config, workdir: str, *, context_chars: int) -> dict:
+  """Reset vs carried state on the held-out text (docs/results/char_rnn.md, ablation 3).
+
+  Cuts data.eval_streams held-out segments of `context_chars` + `config.length` characters and
+  scores each continuation after reading the context whole (`carried`) or only its last
+  character from a zero state (`reset`); prints segment 0 sampled both ways. Returns
+  {continuation_bpc_reset, continuation_bpc_carried}. Writes nothing into `workdir`.
+  """
+  params = restore.restore_params(workdir).params
+  saved_vocab(workdir)  # missing is an error here: load_ids would write a new one into the run
+  vocab, _, held_out = load_ids(config, workdir)
+  model = build_model(config, vocab.size)
   sample = make_sampler(model, vocab, config)
   key = jax.random.key(config.sample_seed)
-  prompts = _prompts(config)
-  for i, (prompt, text) in enumerate(zip(prompts, sample(params, prompts, config.length, key))):
-    print(f"--- sample {i} (temperature {config.temperature}, top_k {config.top_k}, "
-          f"seed {config.sample_seed}) ---\n{prompt}{text}\n")
-  out = {"prompts": float(len(prompts)), "generated_chars": float(len(prompts) * config.length)}
-  if config.context_chars <= 0:
-    return out
-  # Reset vs carried: B held-out segments of context + continuation, one per stream.
-  C, L, B = config.context_chars, config.length, config.data.eval_streams
+  C, L, B = context_chars, config.length, config.data.eval_streams
   layout = chars.stream_windows(
       held_out, B, C + L, what="the held-out text for generation",
       fix=(f"raise data.eval_fraction, or lower data.eval_streams={B}, context_chars={C} or "
@@ -357,18 +363,14 @@ def generate_mode(config, workdir, model, vocab, train_ids, held_out, mesh) -> d
         f"=== true continuation ===\n{vocab.decode(segments[0, C:])}\n"
         f"=== sampled from a reset state (prompt: the last character) ===\n{reset[0]}\n"
         f"=== sampled after the {C}-character context ===\n{carried[0]}\n")
-  return {**out, "continuation_bpc_reset": float(bpc["reset"]),
+  return {"continuation_bpc_reset": float(bpc["reset"]),
           "continuation_bpc_carried": float(bpc["carried"])}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  if config.mode not in ("train", "generate"):
-    raise ValueError(f"mode={config.mode!r}: use 'train' or 'generate'.")
   vocab, train_ids, held_out = load_ids(config, workdir)
   model = build_model(config, vocab.size)
   mesh = sharding.make_mesh()
-  if config.mode == "generate":
-    return generate_mode(config, workdir, model, vocab, train_ids, held_out, mesh)
   task = build_task(config, model, train_ids,
                     **make_eval(model, vocab, held_out, config, workdir))
   steps, eval_every = resolve_steps(config)

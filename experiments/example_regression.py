@@ -36,8 +36,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if arg not in PRESETS:
     raise ValueError(f"unknown preset {arg!r}; presets: {', '.join(PRESETS)}")
   c = ml_collections.ConfigDict()
-  c.seed = 0  # init, data and per-step keys all derive from it
+  c.seed = 0  # init, training batches and per-step keys derive from it
   c.data = ml_collections.ConfigDict()
+  c.data.seed = 0  # the held-out batches derive from it, not from `seed`: every training seed
+  # is scored on the same held-out set
   c.data.features = 8  # F, input features per step
   c.data.max_length = 16  # T, padded length
   c.data.noise = 0.1  # std of the target noise (MSE floor = noise**2)
@@ -115,7 +117,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_data = _Injecting(make, config.train.batch_size, config.seed,
                           inject_position=config.debug.inject_nonfinite_at_step - 1,
                           delay_s=config.debug.step_delay_s, **proc)
-  eval_iter = iterators.SyntheticBatches(make, config.train.batch_size, config.seed + 1, **proc)
+  eval_iter = iterators.SyntheticBatches(make, config.train.batch_size, config.data.seed + 1,
+                                         **proc)
   eval_batches = [next(eval_iter) for _ in range(config.data.eval_batches)]
 
   def init(key):

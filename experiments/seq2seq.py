@@ -11,6 +11,8 @@ width E, which only sets the rows of the input kernel; the notes list every shap
   python launch.py --config=experiments/seq2seq.py:cells --sweep=model.embed=16,64,256
   python launch.py --config=experiments/seq2seq.py:vocab40k --sweep=loss.softmax=full,sampled
   python launch.py --config=experiments/seq2seq.py:long --sweep=model.attention=none,luong,bahdanau
+  echo "four thousand and two" | python launch.py --config=experiments/seq2seq.py \
+      --workdir=runs/seq2seq/default --predict=- --config.decode.beam_width=1   # translate lines
 
 Training uses one padded shape per preset (the loop compiles one train_step); held-out batches
 are grouped into `data.num_buckets` source-length buckets, so evaluation and decoding compile
@@ -23,6 +25,7 @@ answer is one digit string out of up to 10^9). Ablation tables: the README's seq
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import ml_collections
@@ -31,7 +34,7 @@ import optax
 from absl import logging
 
 from experiments import common
-from maskax import decoding, scan, train
+from maskax import decoding, restore, scan, train
 from maskax.data import iterators, translation
 from maskax.models import seq2seq
 
@@ -46,6 +49,9 @@ REPORT_METRICS = ("params", "step_ms", "tokens_per_s", "train_temp_mb", "loss", 
                   "eval/token_accuracy", "eval/exact_match", "eval/exact_len_short",
                   "eval/exact_len_long", "eval/bleu", "eval/exact_match_beam")
 RESUME_SAFE_KEYS = ("decode",)
+# Keys --predict takes from the command line instead of the trained run (launch.trained_config).
+PREDICT_KEYS = ("decode.beam_width", "decode.length_penalty")
+VOCAB_FILE = "vocab.json"  # in the workdir: both vocabularies, written when training starts
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -53,8 +59,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if arg not in PRESETS:
     raise ValueError(f"unknown preset {arg!r}; presets: {', '.join(PRESETS)}")
   c = ml_collections.ConfigDict()
-  c.seed = 0  # init, data, held-out split and sampled-softmax candidates derive from it
+  c.seed = 0  # init, batch order and sampled-softmax candidates derive from it
   c.data = ml_collections.ConfigDict()
+  c.data.seed = 0  # the pairs, the held-out split and the vocabularies: the same for every
+  # training seed, so seed spread measures the model, not a different test set
   c.data.path = ""  # '' = generated numbers task; else a UTF-8 'source<TAB>target' file
   c.data.eval_fraction = 0.05  # held-out share of a user's file (the generated task uses num_eval)
   c.data.max_digits = 9  # generated numbers have 1..max_digits digits (12 at most)
@@ -78,7 +86,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.loss.softmax = "full"  # full | sampled (training only; evaluation is always full)
   c.loss.num_sampled = 512  # sampled-softmax candidates per step (log-uniform, unique)
   c.decode = ml_collections.ConfigDict()
-  c.decode.beam_width = 4  # beam search at evaluation (1 = greedy only)
+  c.decode.beam_width = 4  # beam search at evaluation, besides greedy; --predict: 1 = greedy
   c.decode.length_penalty = 0.6  # GNMT alpha for the final choice among beams
   c.decode.log_examples = 3  # held-out translations written to the log at each evaluation
   c.report = ml_collections.ConfigDict()
@@ -135,16 +143,16 @@ def load_pairs(config):
   d = config.data
   if d.path:
     pairs = translation.load_tsv(d.path)
-    order = np.random.default_rng([config.seed, 5]).permutation(len(pairs))
+    order = np.random.default_rng([d.seed, 5]).permutation(len(pairs))
     n_eval = max(1, int(round(len(pairs) * d.eval_fraction)))
     if n_eval >= len(pairs):
       raise ValueError(f"data.eval_fraction={d.eval_fraction} leaves no training pair")
     return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
   styles = tuple(s.strip() for s in d.styles.split(","))
   train_pairs, numbers = translation.generate_numbers(
-      d.num_train, seed=config.seed, max_digits=d.max_digits, styles=styles)
+      d.num_train, seed=d.seed, max_digits=d.max_digits, styles=styles)
   eval_pairs, _ = translation.generate_numbers(
-      d.num_eval, seed=config.seed + 1, max_digits=d.max_digits, styles=styles,
+      d.num_eval, seed=d.seed + 1, max_digits=d.max_digits, styles=styles,
       exclude=frozenset(numbers))
   return train_pairs, eval_pairs
 
@@ -153,10 +161,7 @@ def build_data(config):
   """Vocabularies, training arrays and bucketed held-out batches."""
   d = config.data
   train_pairs, eval_pairs = load_pairs(config)
-  src_vocab = translation.build_vocabulary([s for s, _ in train_pairs], size=d.vocab_size,
-                                           lexicon_seed=config.seed)
-  tgt_vocab = translation.build_vocabulary([t for _, t in train_pairs], size=d.vocab_size,
-                                           lexicon_seed=config.seed + 1)
+  src_vocab, tgt_vocab = vocabularies(config, train_pairs)
   lengths = dict(max_source_len=d.max_source_len, max_target_len=d.max_target_len)
   train_arrays, dropped = translation.encode_pairs(train_pairs, src_vocab, tgt_vocab, **lengths)
   eval_arrays, eval_dropped = translation.encode_pairs(eval_pairs, src_vocab, tgt_vocab, **lengths)
@@ -173,6 +178,26 @@ def build_data(config):
                "(training: one shape [%d, %d])", boundaries, len(shapes),
                config.train.batch_size, d.max_source_len)
   return src_vocab, tgt_vocab, train_arrays, eval_batches, len(shapes)
+
+
+def vocabularies(config, train_pairs) -> tuple[translation.Vocabulary, translation.Vocabulary]:
+  """(source, target) vocabularies of the training pairs."""
+  d = config.data
+  return (translation.build_vocabulary([s for s, _ in train_pairs], size=d.vocab_size,
+                                       lexicon_seed=d.seed),
+          translation.build_vocabulary([t for _, t in train_pairs], size=d.vocab_size,
+                                       lexicon_seed=d.seed + 1))
+
+
+def saved_vocabularies(config, workdir: str):
+  """The run's (source, target) vocabularies: WORKDIR/vocab.json, or for a run trained before
+  it was saved, rebuilt from the data as training built them (deterministic in config.data)."""
+  path = os.path.join(workdir, VOCAB_FILE)
+  if os.path.exists(path):
+    return translation.load_vocabularies(path)
+  logging.warning("%s is missing (a run from before vocabularies were saved): rebuilding them "
+                  "from the data", path)
+  return vocabularies(config, load_pairs(config)[0])
 
 
 def model_config(config, src_vocab, tgt_vocab) -> seq2seq.Seq2SeqConfig:
@@ -243,6 +268,9 @@ def train_memory_mb(loss_fn, params, batch) -> float:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   src_vocab, tgt_vocab, train_arrays, eval_batches, num_shapes = build_data(config)
+  if jax.process_index() == 0:  # saved with the run: predict() must not depend on the data
+    os.makedirs(workdir, exist_ok=True)
+    translation.save_vocabularies(os.path.join(workdir, VOCAB_FILE), src_vocab, tgt_vocab)
   mc = model_config(config, src_vocab, tgt_vocab)
   train_data = iterators.ArrayBatches(
       train_arrays, config.train.batch_size, config.seed, process_index=jax.process_index(),
@@ -268,3 +296,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     batch = {k: v[:config.train.batch_size] for k, v in train_arrays.items()}
     final["train_temp_mb"] = train_memory_mb(loss, state.params, batch)
   return final
+
+
+def predict(config, workdir: str, lines: list[str]) -> list[dict]:
+  """Translates each line, a source sentence of whitespace-separated words, greedily
+  (decode.beam_width = 1) or by beam search (PREDICT_KEYS): one {"source", "prediction"} per
+  line. Words outside the run's source vocabulary are a ValueError naming them."""
+  params = restore.restore_params(workdir).params
+  src_vocab, tgt_vocab = saved_vocabularies(config, workdir)
+  source, source_len = translation.encode_sources([line.split() for line in lines], src_vocab)
+  if config.decode.beam_width < 1:
+    raise ValueError(f"decode.beam_width={config.decode.beam_width}: use 1 (greedy) or more.")
+  decode = jax.jit(functools.partial(
+      seq2seq.translate, config=model_config(config, src_vocab, tgt_vocab),
+      max_len=config.data.max_target_len + 1, beam_width=config.decode.beam_width,
+      length_penalty=config.decode.length_penalty))
+  tokens = np.asarray(decode(params, source=source, source_len=source_len).tokens)
+  return [{"source": line, "prediction": " ".join(tgt_vocab.decode(row))}
+          for line, row in zip(lines, tokens)]

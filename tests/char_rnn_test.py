@@ -12,9 +12,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import launch as launcher
 from conftest import launch
 from experiments import char_rnn as exp
-from maskax import losses, sampling, sharding, train
+from maskax import losses, runs, sampling, sharding, train
 from maskax.data import chars
 from maskax.models import char_rnn
 
@@ -224,7 +225,7 @@ def test_stateful_resume_restores_the_carry_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_smoke_trains_checkpoints_the_carry_resumes_and_generates(tmp_path):
+def test_smoke_trains_checkpoints_the_carry_resumes_and_predicts(tmp_path):
   workdir = str(tmp_path / "run")
   first = launch(SMOKE, f"--workdir={workdir}", check=True)
   assert "eval/bpc_carried" in first.stdout and "eval/bpc_reset" in first.stdout
@@ -240,8 +241,68 @@ def test_smoke_trains_checkpoints_the_carry_resumes_and_generates(tmp_path):
   assert os.path.isdir(os.path.join(ckpt, "9"))
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert records[-1]["step"] == 9
-  gen = launch(SMOKE, f"--workdir={workdir}", "--config.train.steps=9", "--config.mode=generate",
-               "--config.prompt=The |import os", "--config.length=30", "--config.top_k=5",
-               check=True)
-  assert "--- sample 0" in gen.stdout and "--- sample 1" in gen.stdout
-  assert "import os" in gen.stdout and "generated_chars: 60" in gen.stdout
+  # --predict samples after each line with the run's config and the command's length/top_k,
+  # and leaves the training record as it was.
+  before = {p: os.path.getmtime(os.path.join(workdir, p)) for p in ("config.json", "metrics.jsonl")}
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("The \nimport os\n")
+  gen = launch("--config=experiments/char_rnn.py", f"--workdir={workdir}", f"--predict={prompts}",
+               "--config.length=30", "--config.top_k=5", check=True)
+  out = [json.loads(line) for line in gen.stdout.splitlines()]
+  assert [o["prompt"] for o in out] == ["The ", "import os"]
+  assert [len(o["text"]) for o in out] == [30, 30]
+  assert before == {p: os.path.getmtime(os.path.join(workdir, p)) for p in before}
+
+
+@pytest.fixture(scope="module")
+def trained_smoke(tmp_path_factory):
+  """The smoke run, trained in-process once; its config.json (as the launcher writes it) goes
+  into its checkpoints, so `launch.trained_config` finds it."""
+  workdir = str(tmp_path_factory.mktemp("char_rnn_trained"))
+  config = exp.get_config("smoke")
+  config.train.batch_size = config.data.eval_streams = 8  # a row per simulated device (conftest)
+  runs.write_config(workdir, config.to_dict())
+  exp.run(config, workdir)
+  return config, workdir
+
+
+def test_predict_samples_length_characters_after_each_prompt(trained_smoke):
+  config, workdir = trained_smoke
+  config = config.copy_and_resolve_references()
+  config.length, config.top_k = 12, 3
+  prompts = ["The ", "import os", "x"]
+  out = exp.predict(config, workdir, prompts)
+  assert [o["prompt"] for o in out] == prompts
+  vocab = exp.saved_vocab(workdir)
+  assert all(len(o["text"]) == 12 and set(o["text"]) <= set(vocab.chars) for o in out)
+  assert exp.predict(config, workdir, prompts) == out  # sample_seed fixes the text
+  config.sample_seed = 1
+  assert exp.predict(config, workdir, prompts) != out
+
+
+def test_predict_input_errors_are_one_line(trained_smoke, tmp_path):
+  config, workdir = trained_smoke
+  with pytest.raises(ValueError, match=r"outside the run's vocabulary of \d+: \['€', '☃'\]"):
+    exp.predict(config, workdir, ["The ☃ costs 5€"])
+  with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+    exp.predict(config, str(tmp_path), ["The "])
+
+
+def test_trained_config_takes_only_predict_keys_from_the_command(trained_smoke):
+  config, workdir = trained_smoke
+  command = exp.get_config()  # the default preset: other sizes than the smoke run's
+  command.temperature, command.model.hidden = 0.5, 999
+  used = launcher.trained_config(exp, command, workdir)
+  assert used.temperature == 0.5 and used.length == command.length  # how to sample: the command
+  assert used.model.hidden == config.model.hidden == 16  # what was trained: the run
+  assert launcher.trained_config(exp, command, "/nonexistent") is command
+
+
+def test_continuation_study_scores_reset_and_carried(trained_smoke, capsys):
+  config, workdir = trained_smoke
+  config = config.copy_and_resolve_references()
+  config.length = 20
+  out = exp.continuation_study(config, workdir, context_chars=16)
+  assert sorted(out) == ["continuation_bpc_carried", "continuation_bpc_reset"]
+  assert all(0 < v < 10 for v in out.values())
+  assert "sampled after the 16-character context" in capsys.readouterr().out

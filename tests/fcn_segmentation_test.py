@@ -1,6 +1,7 @@
 """experiments/fcn_segmentation.py: loss sampling at p = 1 is the full loss, ignored pixels never
 count, the eval scores come from the right confusion matrix, and `smoke` trains and resumes."""
 
+import json
 import os
 
 import jax
@@ -11,7 +12,7 @@ from PIL import Image
 
 from conftest import launch, resume_to_six
 from experiments import fcn_segmentation as fcn
-from maskax import evaluation, metrics, sharding, train
+from maskax import evaluation, metrics, restore, sharding, train
 from maskax.train_step import make_eval_step
 
 C, B, H, W = 4, 2, 8, 8
@@ -227,7 +228,7 @@ def test_folder_data_split(tmp_path):
 
 
 @pytest.mark.slow
-def test_smoke_trains_checkpoints_resumes(tmp_path):
+def test_smoke_trains_checkpoints_resumes_and_predicts(tmp_path):
   work = str(tmp_path / "w")
   args = (SMOKE, f"--workdir={work}", "--config.train.mode=loss_sampling_p0.5")
   first = launch(*args, check=True)
@@ -237,3 +238,91 @@ def test_smoke_trains_checkpoints_resumes(tmp_path):
   records = resume_to_six(args, work)
   kept = [r["kept_fraction"] for r in records if "kept_fraction" in r]
   assert all(0.2 < k < 0.8 for k in kept)  # p = 0.5 really sampled the loss
+  # --predict with the default preset's config: the run's own (smoke: stride 4, 6 classes) is
+  # used, so a 16x16 image passes (the default net's stride is 32). Nothing goes into the run.
+  record = ("config.json", "metrics.jsonl")
+  before = {p: open(os.path.join(work, p)).read() for p in record}
+  _write_png(tmp_path / "in" / "a.png", (16, 20, 3))
+  (tmp_path / "lines.txt").write_text(f"{tmp_path / 'in'}\n")
+  proc = launch("--config=experiments/fcn_segmentation.py", f"--workdir={work}",
+                f"--predict={tmp_path / 'lines.txt'}", cwd=str(tmp_path), check=True)
+  out, = [json.loads(line) for line in proc.stdout.splitlines()]
+  assert out["labels"] == os.path.join("predictions", "a_labels.png")
+  assert np.asarray(Image.open(tmp_path / out["labels"])).shape == (16, 20)
+  assert len(out["class_pixels"]) == 6 and sum(out["class_pixels"]) == 16 * 20
+  assert before == {p: open(os.path.join(work, p)).read() for p in record}
+  assert not any(n.endswith(".png") and n != "predictions.png" for n in os.listdir(work))
+  proc = launch("--config=experiments/fcn_segmentation.py", f"--workdir={work}",
+                f"--predict={tmp_path / 'lines.txt'}", f"--predict_out={work}/out")
+  assert proc.returncode == 1 and "lies in the workdir" in proc.stderr
+  (tmp_path / "blank.txt").write_text("\n  \n")
+  proc = launch("--config=experiments/fcn_segmentation.py", f"--workdir={work}",
+                f"--predict={tmp_path / 'blank.txt'}")
+  assert proc.returncode == 1 and "blank.txt holds no input lines" in proc.stderr
+
+
+def _write_png(path, shape, mode=None):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  pixels = np.random.default_rng(len(str(path))).integers(0, 256, shape, dtype=np.uint8)
+  Image.fromarray(pixels, mode=mode).save(path)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained_smoke(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("fcn_trained"))
+  config = fcn.get_config("smoke")
+  config.train.batch_size = config.data.eval_batch_size = 8  # a row per simulated device
+  fcn.run(config, workdir)
+  return config, workdir
+
+
+def test_predict_writes_class_id_and_overlay_pngs(trained_smoke, tmp_path):
+  config, workdir = trained_smoke
+  one = _write_png(tmp_path / "one.png", (16, 16, 3))
+  _write_png(tmp_path / "folder" / "two.png", (12, 20, 3))  # any size: fully convolutional
+  Image.open(one).save(tmp_path / "folder" / "three.jpg")
+  out = fcn.predict(config, workdir, [one, str(tmp_path / "folder")],
+                    out_dir=str(tmp_path / "out"))
+  assert [os.path.basename(o["image"]) for o in out] == ["one.png", "three.jpg", "two.png"]
+  model = fcn.build_model(config)
+  params = restore.restore_params(workdir).params
+  for o in out:
+    image = np.asarray(Image.open(o["image"]).convert("RGB"), np.float32) / 255.0
+    with Image.open(o["labels"]) as im:
+      assert im.mode == "P"  # class ids as pixel values, shown in the VOC colours
+      labels = np.asarray(im)
+    want = np.argmax(model.apply({"params": params}, image[None], train=False), -1)[0]
+    np.testing.assert_array_equal(labels, want)
+    assert o["class_pixels"] == np.bincount(labels.ravel(), minlength=6).tolist()
+    with Image.open(o["overlay"]) as im:
+      assert im.mode == "RGB" and im.size == labels.shape[::-1]
+      overlay = np.asarray(im)
+    background = labels == 0  # kept as it was; classes tinted
+    np.testing.assert_array_equal(overlay[background], np.round(image[background] * 255))
+
+
+def test_predict_input_errors_are_one_line(trained_smoke, tmp_path):
+  config, workdir = trained_smoke
+  run = lambda *lines: fcn.predict(config, workdir, list(lines), out_dir=str(tmp_path / "out"))
+  with pytest.raises(FileNotFoundError, match="missing.png: no such file or folder"):
+    run(str(tmp_path / "missing.png"))
+  with pytest.raises(ValueError, match=r"grey.png: 1 channel\(s\) \(mode L\); expected an RGB"):
+    run(_write_png(tmp_path / "grey.png", (8, 8), mode="L"))
+  with pytest.raises(ValueError, match=r"rgba.png: 4 channel\(s\) \(mode RGBA\)"):
+    run(_write_png(tmp_path / "rgba.png", (8, 8, 4)))
+  with pytest.raises(ValueError, match=r"tiny.png: 2x3 pixels; expected at least 4x4"):
+    run(_write_png(tmp_path / "tiny.png", (2, 3, 3)))
+  (tmp_path / "notes.txt").write_text("not an image")
+  with pytest.raises(ValueError, match="notes.txt: unsupported file type"):
+    run(str(tmp_path / "notes.txt"))
+  os.makedirs(tmp_path / "empty")
+  with pytest.raises(ValueError, match="empty: a folder without image files"):
+    run(str(tmp_path / "empty"))
+  _write_png(tmp_path / "a" / "x.png", (8, 8, 3))
+  _write_png(tmp_path / "b" / "x.png", (8, 8, 3))
+  with pytest.raises(ValueError, match="would write the same outputs"):
+    run(str(tmp_path / "a"), str(tmp_path / "b"))
+  with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+    fcn.predict(config, str(tmp_path), [str(tmp_path / "a")], out_dir=str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out")  # nothing written before the inputs are checked

@@ -190,3 +190,62 @@ def test_smoke_trains_checkpoints_resumes(tmp_path):
   records = resume_to_six((SMOKE, f"--workdir={work}"), work)
   final = [r for r in records if "eval/mse_miss0" in r][-1]
   assert all(np.isfinite(final[m]) for m in fm.REPORT_METRICS)
+
+
+@pytest.fixture(scope="module")
+def trained_smoke(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("feature_mask_trained"))
+  config = fm.get_config("smoke")
+  fm.run(config, workdir)
+  return config, workdir
+
+
+def test_predict_forecasts_npz_and_csv_alike(trained_smoke, tmp_path):
+  config, workdir = trained_smoke
+  x, mask = _data(seed=3)
+  np.savez(tmp_path / "nan.npz", values=np.where(mask, x, np.nan), mask=mask)
+  np.savez(tmp_path / "junk.npz", values=np.where(mask, x, 1e6), mask=mask)
+  # The .csv layout (maskax.data.user_files): empty cells are missing; row 2 stops at step 5.
+  lines = ["sequence,r,g,b"] + [
+      f"s{b}," + ",".join(repr(float(v)) if m else "" for v, m in zip(x[b, t], mask[b, t]))
+      for b in range(B) for t in range(T if b < 2 else 5)]
+  (tmp_path / "rows.csv").write_text("\n".join(lines) + "\n")
+  inputs = [str(tmp_path / n) for n in ("nan.npz", "junk.npz", "rows.csv")]
+  out = fm.predict(config, workdir, inputs, out_dir=str(tmp_path / "out"))
+  nan, junk, rows = [np.load(o["output"])["forecast"] for o in out]
+  assert nan.shape == (B, T, F) and np.all(np.isfinite(nan))
+  np.testing.assert_array_equal(junk, nan)  # values at missing entries are never read
+  np.testing.assert_allclose(rows[:2], nan[:2], atol=1e-6)
+  np.testing.assert_allclose(rows[2, :5], nan[2, :5], atol=1e-6)
+  assert np.all(np.isnan(rows[2, 5:]))  # past the sequence's length
+  observed = mask[:, 1:]  # row t forecasts step t + 1
+  want = np.mean((nan[:, :-1] - x[:, 1:])[observed] ** 2)
+  assert out[0]["next_step_mse"] == pytest.approx(want, rel=1e-5)
+  assert out[0]["observed_fraction"] == pytest.approx(mask.mean())
+  assert (out[0]["rows"], out[0]["steps"], out[2]["steps"]) == (B, T, T)
+
+
+def test_predict_input_errors_are_one_line(trained_smoke, tmp_path):
+  config, workdir = trained_smoke
+  run = lambda name: fm.predict(config, workdir, [str(tmp_path / name)],
+                                out_dir=str(tmp_path / "out"))
+  x, mask = _data()
+  cases = {
+      "nomask.npz": (dict(values=x), r"no array mask \(it has values\); expected values "
+                     r"f32\[B, T, 3\] and mask bool\[B, T, 3\]"),
+      "intmask.npz": (dict(values=x, mask=mask.astype(np.int64)),
+                      r"mask is int64\[3, 8, 3\]; expected bool\[3, 8, 3\]"),
+      "rgba.npz": (dict(values=np.zeros((B, T, 4)), mask=np.ones((B, T, 4), bool)),
+                   r"values has shape \[3, 8, 4\]; expected values f32\[B, T, 3\]"),
+      "observed_nan.npz": (dict(values=x + np.nan, mask=mask),
+                           r"an observed value \(mask True\) is NaN or infinite"),
+  }
+  for name, (arrays, message) in cases.items():
+    np.savez(tmp_path / name, **arrays)
+    with pytest.raises(ValueError, match=f"{name}: {message}"):
+      run(name)
+  (tmp_path / "word.csv").write_text("s,r,g,b\ns,0.5,red,0.1\n")
+  with pytest.raises(ValueError, match="word.csv:2: a feature value is not a number"):
+    run("word.csv")
+  with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+    fm.predict(config, str(tmp_path), [str(tmp_path / "word.csv")], out_dir=str(tmp_path))

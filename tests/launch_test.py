@@ -22,6 +22,7 @@ def _losses(workdir):
   return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, expected", [
     (["--config=experiments/nope.py"], "unknown experiment 'experiments/nope.py'"),
     ([SMOKE.replace(":smoke", ":huge")], "no preset 'huge'. Presets: default, smoke"),
@@ -41,6 +42,7 @@ def test_bad_input_exits_nonzero_naming_the_problem(args, expected, tmp_path):
   assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, expected", [
     # the bad value sits in the grid's last cell: 2 x 2 cells x 2 seeds, the last of 8 runs
     (["--sweep=model.hidden=8,16", "--sweep=train.learning_rate=0.01,-1", "--seeds=2"],
@@ -55,6 +57,7 @@ def test_every_sweep_run_is_checked_before_the_first_trains(args, expected, tmp_
   assert not os.path.exists(tmp_path / "w")  # not even the valid first run started
 
 
+@pytest.mark.slow
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a folder")
@@ -64,12 +67,14 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
   assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_list_names_every_experiment_with_presets(tmp_path):
   proc = launch("--list", check=True, cwd=tmp_path)  # found beside launch.py, from anywhere
   assert "example_regression:" in proc.stdout and ":smoke" in proc.stdout
   assert "common:" not in proc.stdout  # shared defaults, no get_config: not an experiment
 
 
+@pytest.mark.slow
 def test_config_paths_resolve_from_the_cwd_then_the_repository(tmp_path):
   # From another directory, experiments/... is found under the repository root: the run gets
   # as far as checking the override's key.
@@ -116,6 +121,7 @@ def test_sigkill_then_rerun_resumes_bitwise(tmp_path):
   assert len(_losses(clean)) == 12
 
 
+@pytest.mark.slow
 def test_resume_with_changed_numerics_stops_with_a_diff(tmp_path):
   work = f"--workdir={tmp_path}/w"
   launch(SMOKE, work, check=True)
@@ -126,6 +132,7 @@ def test_resume_with_changed_numerics_stops_with_a_diff(tmp_path):
   launch(SMOKE, work, "--config.train.steps=8", check=True)
 
 
+@pytest.mark.slow
 def test_nonfinite_step_stops_naming_the_step(tmp_path):
   proc = launch(SMOKE, f"--workdir={tmp_path}/w", "--config.debug.inject_nonfinite_at_step=3")
   assert proc.returncode == 1

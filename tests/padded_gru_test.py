@@ -175,3 +175,76 @@ def test_smoke_trains_checkpoints_resumes(tmp_path):
   records = resume_to_six((SMOKE, f"--workdir={work}"), work)
   final = [r for r in records if "eval/drift_pad4x" in r][-1]
   assert final["eval/drift_pad4x"] < 1e-5  # the smoke preset is the fully masked variant
+
+
+@pytest.fixture(scope="module")
+def trained_smoke(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("padded_gru_trained"))
+  config = pg.get_config("smoke")
+  pg.run(config, workdir)
+  return config, workdir
+
+
+def _csv(path, x, lengths):
+  """The .csv layout of maskax.data.user_files: a header, then `id,f0,...` per valid step."""
+  lines = ["sequence," + ",".join(f"f{i}" for i in range(x.shape[2]))]
+  lines += [f"s{b}," + ",".join(repr(float(v)) for v in x[b, t])
+            for b, n in enumerate(lengths) for t in range(n)]
+  path.write_text("\n".join(lines) + "\n")
+  return str(path)
+
+
+def test_predict_classifies_npz_and_csv_alike(trained_smoke, tmp_path):
+  config, workdir = trained_smoke
+  x = np.random.default_rng(0).normal(size=(B, T, F)).astype(np.float32)
+  np.savez(tmp_path / "seqs.npz", x=x, lengths=LENGTHS)
+  # 20 more steps of NaN: values past a length are never read, and the fully masked smoke
+  # model's predictions ignore the amount of padding.
+  np.savez(tmp_path / "padded.npz", x=np.pad(x, ((0, 0), (0, 20), (0, 0)),
+                                              constant_values=np.nan), lengths=LENGTHS)
+  inputs = [str(tmp_path / "seqs.npz"), str(tmp_path / "padded.npz"),
+            _csv(tmp_path / "rows.csv", x, LENGTHS)]
+  out = pg.predict(config, workdir, inputs, out_dir=str(tmp_path / "out"))
+  assert [(o["input"], o["rows"], o["steps"]) for o in out] == list(
+      zip(inputs, [B] * 3, [T, T + 20, T]))
+  preds = [np.load(o["output"]) for o in out]
+  probs, classes = preds[0]["probs"], preds[0]["classes"]
+  assert probs.shape == (B, pg.CLASSES) and np.allclose(probs.sum(-1), 1.0)
+  np.testing.assert_array_equal(classes, probs.argmax(-1))
+  assert out[0]["class_counts"] == np.bincount(classes, minlength=pg.CLASSES).tolist()
+  for p in preds[1:]:
+    np.testing.assert_allclose(p["probs"], probs, atol=1e-5)
+
+
+def test_predict_input_errors_are_one_line(trained_smoke, tmp_path):
+  config, workdir = trained_smoke
+  run = lambda name: pg.predict(config, workdir, [str(tmp_path / name)],
+                                out_dir=str(tmp_path / "out"))
+  x = np.zeros((2, 5, F), np.float32)
+  cases = {
+      "nolen.npz": (dict(x=x), r"no array lengths \(it has x\); expected x f32\[B, T, 4\] "
+                    r"and lengths i32\[B\]"),
+      "f3.npz": (dict(x=x[..., :3], lengths=[5, 5]), r"x has shape \[2, 5, 3\]; expected x"),
+      "long.npz": (dict(x=x, lengths=[5, 6]), r"lengths must lie in \[1, 5\] \(T\), got 5..6"),
+      "nan.npz": (dict(x=x + np.nan, lengths=[5, 1]), "x holds NaN or infinite values within"),
+  }
+  for name, (arrays, message) in cases.items():
+    np.savez(tmp_path / name, **arrays)
+    with pytest.raises(ValueError, match=f"{name}: {message}"):
+      run(name)
+  texts = {
+      "junk.npz": ("PK not a zip", "not a readable .npz file"),
+      "cols.csv": ("s,a,b\ns,1,2\n", "cols.csv:2: 3 columns; expected the sequence id and 4"),
+      "split.csv": ("s,a,b,c,d\ns,1,2,3,4\nt,1,2,3,4\ns,1,2,3,4\n",
+                    "split.csv:4: sequence 's' continues after another one"),
+      "blank.csv": ("s,a,b,c,d\ns,1,,3,4\n", "blank.csv:2: a feature value is empty"),
+      "empty.csv": ("s,a,b,c,d\n", "empty.csv: no data lines after the header"),
+  }
+  for name, (text, message) in texts.items():
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=message):
+      run(name)
+  with pytest.raises(FileNotFoundError, match="missing.npz: no such file"):
+    run("missing.npz")
+  with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+    pg.predict(config, str(tmp_path), [str(tmp_path / "nolen.npz")], out_dir=str(tmp_path))

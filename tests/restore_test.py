@@ -2,6 +2,7 @@
 errors for a workdir without checkpoints or a missing step."""
 
 import json
+import logging
 import os
 
 import jax
@@ -48,6 +49,18 @@ def test_restores_the_final_parameters_and_model_state_bitwise(trained):
                   jax.tree.leaves((state.params, state.model_state))):
     assert isinstance(a, np.ndarray) and np.array_equal(a, b)
   assert float(got.model_state["seen"]) == 6 * 8
+
+
+def test_restoring_logs_no_warning(trained, caplog):
+  restore.restore_params(trained[0])  # orbax warned of a missing step metadata file (issue 18)
+  assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_relative_workdir_is_read(trained, monkeypatch):
+  workdir, state = trained
+  monkeypatch.chdir(os.path.dirname(workdir))
+  got = restore.restore_params(os.path.basename(workdir))  # as from --workdir=runs/x
+  assert got.step == 6 and np.array_equal(got.params["w"], state.params["w"])
 
 
 def test_an_older_step_can_be_chosen(trained):

@@ -2,6 +2,7 @@
 teacher forcing equals step-by-step decoding, sampled = full softmax with every class, smoke."""
 
 import os
+import shutil
 import types
 
 import jax
@@ -10,7 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import launch, resume_to_six
+from experiments import seq2seq as exp
 from maskax import losses
+from maskax.data import translation
 from maskax.models import seq2seq
 
 VS, VT, E, H, LAYERS = 11, 7, 5, 6, 2
@@ -209,3 +212,48 @@ def test_smoke_trains_checkpoints_resumes_decodes(tmp_path):
   records = resume_to_six(args, work, "--config.decode.beam_width=1")
   final = [r for r in records if "eval/exact_match" in r][-1]
   assert final["step"] == 6 and 0.0 <= final["eval/exact_match"] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def trained_smoke(tmp_path_factory):
+  """The smoke preset trained for 600 steps at learning rate 1e-2: its 4 steps cannot learn to
+  translate, and on CPU 600 tiny steps cost about what compiling costs (~13 s in all)."""
+  workdir = str(tmp_path_factory.mktemp("seq2seq_trained"))
+  config = exp.get_config("smoke")
+  config.train.steps = config.train.checkpoint_every = config.train.log_every = 600
+  config.train.learning_rate = 1e-2
+  exp.run(config, workdir)
+  return config, workdir
+
+
+@pytest.mark.parametrize("beam_width", [1, 2])
+def test_predict_decodes_training_pairs(trained_smoke, beam_width):
+  config, workdir = trained_smoke
+  config = config.copy_and_resolve_references()
+  config.decode.beam_width = beam_width
+  pairs = exp.load_pairs(config)[0][:12]  # 1 to 5 words, every style
+  out = exp.predict(config, workdir, ["  ".join(source) for source, _ in pairs])
+  assert [o["source"] for o in out] == ["  ".join(source) for source, _ in pairs]
+  assert [o["prediction"] for o in out] == [" ".join(target) for _, target in pairs]
+
+
+def test_vocabularies_are_saved_with_the_run(trained_smoke, tmp_path):
+  config, workdir = trained_smoke
+  saved = translation.load_vocabularies(os.path.join(workdir, exp.VOCAB_FILE))
+  assert saved == exp.vocabularies(config, exp.load_pairs(config)[0])
+  # A run from before vocab.json rebuilds them from the data, the same way.
+  shutil.copytree(workdir, tmp_path / "old")
+  os.remove(tmp_path / "old" / exp.VOCAB_FILE)
+  assert exp.saved_vocabularies(config, str(tmp_path / "old")) == saved
+
+
+def test_predict_input_errors_are_one_line(trained_smoke, tmp_path):
+  config, workdir = trained_smoke
+  with pytest.raises(ValueError, match=r"outside the source vocabulary: \['quadrillion', 'zwei'\]"):
+    exp.predict(config, workdir, ["four quadrillion", "zwei"])
+  config = config.copy_and_resolve_references()
+  config.decode.beam_width = 0
+  with pytest.raises(ValueError, match="decode.beam_width=0"):
+    exp.predict(config, workdir, ["four"])
+  with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+    exp.predict(config, str(tmp_path), ["four"])

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from maskax import checkpoint as ckpt_lib
 from maskax import integrity
@@ -53,7 +54,8 @@ def restore_params(workdir: str, step: int | None = None) -> Trained:
   arrays cannot be decoded or do not match their checksums (`CheckpointReadError` when a file
   exists but cannot be read).
   """
-  directory = os.path.join(workdir, "checkpoints")
+  # Absolute: orbax cannot read a checkpoint through a relative path (`--workdir=runs/x`).
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   steps = _steps(directory)
   if not steps:
     raise FileNotFoundError(f"{workdir} holds no checkpoint: train it first (the same launch "
@@ -66,7 +68,9 @@ def restore_params(workdir: str, step: int | None = None) -> Trained:
   path = os.path.join(directory, str(step), "state")
   reader = ocp.PyTreeCheckpointer()
   try:
-    tree = reader.metadata(path).item_metadata
+    # The handler's metadata, not the checkpointer's: that one also looks for a step metadata
+    # file the `state` item never has and logs a warning on every restore.
+    tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
     wanted = {k: tree[k] for k in PARTS if tree.get(k)}  # an empty model_state is not saved
     restored = reader.restore(path, args=ocp.args.PyTreeRestore(
         item=wanted, partial_restore=True,

@@ -177,6 +177,19 @@ _VALUE_RULES = {
 }
 
 
+def check_workdir(workdir: str) -> None:
+  """Raises a ValueError for a workdir maskax cannot use, before anything is written.
+
+  A URL (`gs://bucket/run`) would otherwise be created as a local folder named `gs:` and the run
+  would die at its first checkpoint. Object-store workdirs need every file operation to go
+  through one path layer (issue 16); until then, mount the bucket.
+  """
+  scheme, sep, _ = workdir.partition("://")
+  if sep:
+    raise ValueError(f"--workdir={workdir}: {scheme}:// workdirs are not supported yet; mount the "
+                     "bucket (e.g. gcsfuse) and pass the mounted path instead.")
+
+
 def check_values(config: Mapping[str, Any]) -> None:
   """Raises a ValueError naming the key for a config value no run can use (a NaN, infinite or
   non-positive learning rate, negative steps, a batch of no rows, ...)."""

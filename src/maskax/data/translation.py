@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
+import os
 
 import numpy as np
 
@@ -196,6 +198,47 @@ def build_vocabulary(token_lists, *, size: int = 0, lexicon_seed: int = 0) -> Vo
   if size > num_real:
     words += pseudo_words(size - num_real, seed=lexicon_seed, avoid=frozenset(words))
   return Vocabulary(tuple(words), num_real)
+
+
+def save_vocabularies(path: str, source: Vocabulary, target: Vocabulary) -> None:
+  """Writes both sides' words to `path` (JSON) atomically: a run's vocabularies, saved with it
+  so that a trained model reads and writes the ids it learned (rebuilding them from the data
+  needs the data, and a changed file would silently shuffle the ids)."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump({side: {"words": list(v.words), "num_real": v.num_real}
+               for side, v in (("source", source), ("target", target))}, f, ensure_ascii=False)
+  os.replace(tmp, path)
+
+
+def load_vocabularies(path: str) -> tuple[Vocabulary, Vocabulary]:
+  """(source, target) as `save_vocabularies` wrote them."""
+  with open(path, encoding="utf-8") as f:
+    saved = json.load(f)
+  return tuple(Vocabulary(tuple(saved[side]["words"]), saved[side]["num_real"])
+               for side in ("source", "target"))
+
+
+def encode_sources(token_lists, vocab: Vocabulary, *, multiple_of: int = 8):
+  """Source sentences to translate: (source i32[B, S], source_len i32[B]).
+
+  S is the longest sentence rounded up to `multiple_of` (fewer compiled shapes); padding holds
+  PAD. Raises ValueError naming the words outside `vocab` (they would all read as UNK) and for
+  an empty sentence.
+  """
+  known = set(vocab.words[len(SPECIALS):vocab.num_real])
+  unknown = sorted({t for tokens in token_lists for t in tokens} - known)
+  if unknown:
+    raise ValueError(f"words outside the source vocabulary: {unknown[:20]}; the model knows "
+                     f"{vocab.num_real - len(SPECIALS)} words.")
+  if not token_lists or not all(token_lists):
+    raise ValueError("every source sentence needs at least one word.")
+  lengths = np.array([len(t) for t in token_lists], np.int32)
+  S = -(-int(lengths.max()) // multiple_of) * multiple_of
+  source = np.full((len(token_lists), S), PAD, np.int32)
+  for row, tokens in enumerate(token_lists):
+    source[row, :len(tokens)] = vocab.encode(tokens)
+  return source, lengths
 
 
 def encode_pairs(pairs, source_vocab: Vocabulary, target_vocab: Vocabulary, *,

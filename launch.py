@@ -46,46 +46,96 @@ EXPERIMENTS_DIR = os.path.join(ROOT, "experiments")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    "config", None, "PATH.py[:preset], any experiment file (relative to the current directory, "
-    "else to the repository root); override fields with --config.KEY=VALUE.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run folder (default runs/NAME/PRESET): config, metrics, "
-                    "checkpoints, sweep results. Re-running resumes from it.")
+  "config",
+  None,
+  "PATH.py[:preset], any experiment file (relative to the current directory, "
+  "else to the repository root); override fields with --config.KEY=VALUE.",
+  lock_config=True,
+)
+flags.DEFINE_string(
+  "workdir",
+  None,
+  "Run folder (default runs/NAME/PRESET): config, metrics, "
+  "checkpoints, sweep results. Re-running resumes from it.",
+)
 flags.DEFINE_bool("list", False, "List every experiment with its presets and purpose, then exit.")
-flags.DEFINE_multi_string("sweep", None, "KEY=V1,V2,...: one axis of a grid (repeat the flag "
-                          "for more); one sub-workdir per run, then results.md, results.csv "
-                          "and results.png in --workdir.")
-flags.DEFINE_integer("seeds", 0, "Repeat every sweep cell with seeds 0..N-1 (the same as "
-                     "--sweep=seed=0,...,N-1): the results then give mean, std and a 95% "
-                     "interval over seeds.")
-flags.DEFINE_string("baseline", None, "KEY=V[,KEY2=V2]: the sweep cell every other is compared "
-                    "with, paired by seed (default: the first cell).")
+flags.DEFINE_multi_string(
+  "sweep",
+  None,
+  "KEY=V1,V2,...: one axis of a grid (repeat the flag "
+  "for more); one sub-workdir per run, then results.md, results.csv "
+  "and results.png in --workdir.",
+)
+flags.DEFINE_integer(
+  "seeds",
+  0,
+  "Repeat every sweep cell with seeds 0..N-1 (the same as "
+  "--sweep=seed=0,...,N-1): the results then give mean, std and a 95% "
+  "interval over seeds.",
+)
+flags.DEFINE_string(
+  "baseline",
+  None,
+  "KEY=V[,KEY2=V2]: the sweep cell every other is compared "
+  "with, paired by seed (default: the first cell).",
+)
 flags.DEFINE_integer("seed", None, "Overrides config.seed.")
-flags.DEFINE_bool("allow_config_change", False, "Resume even if the config changed in a key that "
-                  "alters numerics or data order.")
-flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"],
-                  "Call jax.distributed.initialize(): 'auto' does when coordinator flags are "
-                  "given or a TPU pod / SLURM job with several hosts is detected.")
+flags.DEFINE_bool(
+  "allow_config_change",
+  False,
+  "Resume even if the config changed in a key that alters numerics or data order.",
+)
+flags.DEFINE_enum(
+  "distributed",
+  "auto",
+  ["auto", "yes", "no"],
+  "Call jax.distributed.initialize(): 'auto' does when coordinator flags are "
+  "given or a TPU pod / SLURM job with several hosts is detected.",
+)
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-flags.DEFINE_integer("heartbeat_timeout_s", 100, "Multi-host: a process that sends no heartbeat "
-                     "for this long is declared dead and every other process exits non-zero "
-                     "(lower it so a lost host ends the job quickly instead of hanging it).")
-flags.DEFINE_integer("initialization_timeout_s", 300, "Multi-host: how long to wait for every "
-                     "process to join at start-up.")
+flags.DEFINE_integer(
+  "heartbeat_timeout_s",
+  100,
+  "Multi-host: a process that sends no heartbeat "
+  "for this long is declared dead and every other process exits non-zero "
+  "(lower it so a lost host ends the job quickly instead of hanging it).",
+)
+flags.DEFINE_integer(
+  "initialization_timeout_s",
+  300,
+  "Multi-host: how long to wait for every process to join at start-up.",
+)
 flags.DEFINE_bool("verbose_errors", False, "Show full tracebacks for configuration errors.")
-flags.DEFINE_string("predict", None, "Use the trained run in --workdir on FILE ('-': stdin), one "
-                    "input per line; prints one JSON line per input. Writes nothing to the "
-                    "workdir. For experiments that define predict().")
-flags.DEFINE_string("predict_out", "predictions", "Folder (outside --workdir) where --predict "
-                    "writes the files of experiments whose predictions are files (label PNGs, "
-                    ".npz arrays); the JSON lines name them.")
-flags.DEFINE_string("export", None, "Write the trained run in --workdir to this folder in the "
-                    "ecosystem's format (BERT: Hugging Face BertForPreTraining). For experiments "
-                    "that define export().")
-flags.DEFINE_integer("wait_for_workdir_s", 0, "When another live run holds the workdir's lock, "
-                     "wait up to this many seconds for it to end (a re-queued job whose "
-                     "predecessor is still saving) instead of failing at once.")
+flags.DEFINE_string(
+  "predict",
+  None,
+  "Use the trained run in --workdir on FILE ('-': stdin), one "
+  "input per line; prints one JSON line per input. Writes nothing to the "
+  "workdir. For experiments that define predict().",
+)
+flags.DEFINE_string(
+  "predict_out",
+  "predictions",
+  "Folder (outside --workdir) where --predict "
+  "writes the files of experiments whose predictions are files (label PNGs, "
+  ".npz arrays); the JSON lines name them.",
+)
+flags.DEFINE_string(
+  "export",
+  None,
+  "Write the trained run in --workdir to this folder in the "
+  "ecosystem's format (BERT: Hugging Face BertForPreTraining). For experiments "
+  "that define export().",
+)
+flags.DEFINE_integer(
+  "wait_for_workdir_s",
+  0,
+  "When another live run holds the workdir's lock, "
+  "wait up to this many seconds for it to end (a re-queued job whose "
+  "predecessor is still saving) instead of failing at once.",
+)
 
 
 def experiment_files() -> dict[str, str]:
@@ -94,8 +144,9 @@ def experiment_files() -> dict[str, str]:
   found = {}
   for name in sorted(os.listdir(EXPERIMENTS_DIR)):
     path = os.path.join(EXPERIMENTS_DIR, name)
-    if name.endswith(".py") and any(isinstance(node, ast.FunctionDef)
-                                    and node.name == "get_config" for node in _parse(path).body):
+    if name.endswith(".py") and any(
+      isinstance(node, ast.FunctionDef) and node.name == "get_config" for node in _parse(path).body
+    ):
       found[name[:-3]] = path
   return found
 
@@ -118,8 +169,9 @@ def list_experiments() -> str:
 
 def _presets(tree: ast.Module, path: str) -> dict[str, str]:
   for node in tree.body:
-    if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "PRESETS"
-                                            for t in node.targets):
+    if isinstance(node, ast.Assign) and any(
+      getattr(t, "id", None) == "PRESETS" for t in node.targets
+    ):
       try:
         return ast.literal_eval(node.value)
       except ValueError:  # built by code: import the module to read it
@@ -188,32 +240,40 @@ def precheck_config_arg(argv) -> list[str]:
   path, _, preset = value.partition(":")
   resolved = resolve_config_path(path)
   if resolved is None:
-    sys.exit(f"error: unknown experiment {path!r} (no such file here or under {ROOT}). "
-             "Experiments: " + ", ".join(os.path.relpath(p, ROOT)
-                                         for p in experiment_files().values())
-             + " (see --list).")
+    sys.exit(
+      f"error: unknown experiment {path!r} (no such file here or under {ROOT}). "
+      "Experiments: "
+      + ", ".join(os.path.relpath(p, ROOT) for p in experiment_files().values())
+      + " (see --list)."
+    )
   module = load_experiment(resolved)
   name = os.path.splitext(os.path.basename(resolved))[0]
   if not callable(getattr(module, "get_config", None)):
     sys.exit(f"error: {path} defines no get_config(arg=''): it is not an experiment.")
   presets = getattr(module, "PRESETS", None)
   if preset and presets is not None and preset not in presets:
-    sys.exit(f"error: experiment {name!r} has no preset {preset!r}. Presets: "
-             + ", ".join(presets) + f" (use --config={path}:PRESET or no preset).")
+    sys.exit(
+      f"error: experiment {name!r} has no preset {preset!r}. Presets: "
+      + ", ".join(presets)
+      + f" (use --config={path}:PRESET or no preset)."
+    )
   from maskax import runs
+
   try:
     known_keys = runs.flatten(module.get_config(preset).to_dict())
   except ValueError as e:  # e.g. an unknown preset of a config without PRESETS
     sys.exit(f"error: {e}")
   for arg in argv:
     if arg.startswith("--config."):
-      key = arg[len("--config."):].split("=", 1)[0]
+      key = arg[len("--config.") :].split("=", 1)[0]
       if key not in known_keys and not any(k.startswith(key + ".") for k in known_keys):
         leaf = key.split(".")[-1]
         close = [k for k in known_keys if k.split(".")[-1][:3] == leaf[:3]]
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        sys.exit(f"error: unknown config key {key!r} for {name}.{hint} "
-                 f"All keys: see get_config() in {resolved}.")
+        sys.exit(
+          f"error: unknown config key {key!r} for {name}.{hint} "
+          f"All keys: see get_config() in {resolved}."
+        )
   return _with_config_arg(argv, f"{resolved}:{preset}" if preset else resolved)
 
 
@@ -226,40 +286,54 @@ def maybe_initialize_distributed() -> bool:
   Returns whether it initialized.
   """
   explicit = FLAGS.coordinator_address is not None or FLAGS.num_processes is not None
-  detected = (int(os.environ.get("SLURM_NTASKS", "1")) > 1
-              or len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
-              or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+  detected = (
+    int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    or len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+    or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+  )
   if FLAGS.distributed == "no" or (FLAGS.distributed == "auto" and not (explicit or detected)):
     return False
   import jax
+
   # CPU processes need a cross-process collectives library (GPU uses NCCL, TPU its ICI/DCN);
   # the option is ignored by other backends.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   # JAX's preemption service would take SIGTERM for itself; maskax.preemption handles it the
   # same way with or without jax.distributed (see that module).
   jax.config.update("jax_enable_preemption_service", False)
-  jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                             num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
-                             heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_s,
-                             initialization_timeout=FLAGS.initialization_timeout_s)
+  jax.distributed.initialize(
+    coordinator_address=FLAGS.coordinator_address,
+    num_processes=FLAGS.num_processes,
+    process_id=FLAGS.process_id,
+    heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_s,
+    initialization_timeout=FLAGS.initialization_timeout_s,
+  )
   return True
 
 
 def topology() -> dict[str, int]:
   """What a resume must match: a different split changes reduction order and data sharding."""
   import jax
-  return {"process_count": jax.process_count(), "device_count": jax.device_count(),
-          # Each process loads its own shard of every batch in-process: no extra worker pool.
-          "data_workers": jax.process_count()}
+
+  return {
+    "process_count": jax.process_count(),
+    "device_count": jax.device_count(),
+    # Each process loads its own shard of every batch in-process: no extra worker pool.
+    "data_workers": jax.process_count(),
+  }
 
 
 def lock_workdir(workdir: str):
   """The workdir's lock, taken by process 0 for every process (`maskax.workdir_lock`)."""
   import jax
   from maskax import workdir_lock
-  return workdir_lock.hold(workdir, wait_s=FLAGS.wait_for_workdir_s,
-                           is_holder=jax.process_index() == 0,
-                           process_count=jax.process_count())
+
+  return workdir_lock.hold(
+    workdir,
+    wait_s=FLAGS.wait_for_workdir_s,
+    is_holder=jax.process_index() == 0,
+    process_count=jax.process_count(),
+  )
 
 
 def run_one(module, config, workdir: str) -> dict:
@@ -267,17 +341,22 @@ def run_one(module, config, workdir: str) -> dict:
   its final metrics in `final.json` (what marks a sweep's run finished: `maskax.sweep`)."""
   import jax
   from maskax import runs, sweep
+
   runs.check_values(config.to_dict())
   with lock_workdir(workdir):
-    runs.write_config(workdir, config.to_dict(), safe=getattr(module, "RESUME_SAFE_KEYS", ()),
-                      pinned=getattr(module, "RESUME_PINNED_KEYS", ()),
-                      allow_change=FLAGS.allow_config_change,
-                      is_writer=jax.process_index() == 0, topology=topology())
+    runs.write_config(
+      workdir,
+      config.to_dict(),
+      safe=getattr(module, "RESUME_SAFE_KEYS", ()),
+      pinned=getattr(module, "RESUME_PINNED_KEYS", ()),
+      allow_change=FLAGS.allow_config_change,
+      is_writer=jax.process_index() == 0,
+      topology=topology(),
+    )
     started = time.perf_counter()
     final = module.run(config, workdir)
     if jax.process_index() == 0:
-      sweep.write_final(workdir, final, config.to_dict(),
-                        duration_s=time.perf_counter() - started)
+      sweep.write_final(workdir, final, config.to_dict(), duration_s=time.perf_counter() - started)
     return final
 
 
@@ -299,6 +378,7 @@ def run_sweep(module, config, workdir: str) -> None:
   ones, then results.md/.csv/.png in `workdir` (`maskax.sweep`, `maskax.report`)."""
   import jax
   from maskax import progress, report, runs, sweep
+
   flat = runs.flatten(config.to_dict())
   axes, seeds = sweep.parse_grid(FLAGS.sweep or [], flat, seeds=FLAGS.seeds)
   planned = sweep.plan(axes, seeds)
@@ -311,20 +391,41 @@ def run_sweep(module, config, workdir: str) -> None:
   subdirs = [os.path.join(workdir, r.dirname) for r in planned]
   with lock_workdir(workdir):  # the sweep's own files (results.*); each run locks its folder
     if jax.process_index() == 0:
-      sweep.write_manifest(workdir, axes, seeds, planned, baseline=baseline,
-                           metrics=getattr(module, "REPORT_METRICS", None))
-    todo = [i for i, (sub, cfg) in enumerate(zip(subdirs, configs))
-            if not sweep.is_finished(sub, cfg.to_dict())]
+      sweep.write_manifest(
+        workdir,
+        axes,
+        seeds,
+        planned,
+        baseline=baseline,
+        metrics=getattr(module, "REPORT_METRICS", None),
+      )
+    todo = [
+      i
+      for i, (sub, cfg) in enumerate(zip(subdirs, configs))
+      if not sweep.is_finished(sub, cfg.to_dict())
+    ]
     if len(todo) < len(planned):
-      logging.info("sweep: %d of %d runs already finished (final.json); skipping them",
-                   len(planned) - len(todo), len(planned))
+      logging.info(
+        "sweep: %d of %d runs already finished (final.json); skipping them",
+        len(planned) - len(todo),
+        len(planned),
+      )
     durations = []  # of the runs trained by this command: the ETA's unit
     for i in todo:
-      eta = math.fsum(durations) / len(durations) * (len(todo) - len(durations)) \
-          if durations else math.inf
+      eta = (
+        math.fsum(durations) / len(durations) * (len(todo) - len(durations))
+        if durations
+        else math.inf
+      )
       shown = ", ".join(f"{k}={v}" for k, v in planned[i].overrides().items())
-      logging.info("sweep run %d/%d (%s), ETA %s -> %s", i + 1, len(planned), shown,
-                   progress.format_duration(eta), subdirs[i])
+      logging.info(
+        "sweep run %d/%d (%s), ETA %s -> %s",
+        i + 1,
+        len(planned),
+        shown,
+        progress.format_duration(eta),
+        subdirs[i],
+      )
       started = time.perf_counter()
       run_one(module, configs[i], subdirs[i])
       durations.append(time.perf_counter() - started)
@@ -354,13 +455,19 @@ def trained_config(module, config, workdir: str):
   `config` unchanged when the workdir has no checkpoint (predict() then says so)."""
   import ml_collections
   from maskax import runs
+
   saved = runs.checkpoint_run_record(workdir) if runs.has_checkpoint(workdir) else None
   if saved is None:
     return config
   keys = getattr(module, "PREDICT_KEYS", ())
-  return with_values(ml_collections.ConfigDict(saved[0]["config"]), {
-      k: v for k, v in runs.flatten(config.to_dict()).items()
-      if any(k == p or k.startswith(p + ".") for p in keys)})
+  return with_values(
+    ml_collections.ConfigDict(saved[0]["config"]),
+    {
+      k: v
+      for k, v in runs.flatten(config.to_dict()).items()
+      if any(k == p or k.startswith(p + ".") for p in keys)
+    },
+  )
 
 
 def use_trained(module, name: str, config, workdir: str) -> None:
@@ -368,6 +475,7 @@ def use_trained(module, name: str, config, workdir: str) -> None:
   there; --predict passes `out_dir` (--predict_out) to a predict() that takes one."""
   import inspect
   import json
+
   what = "predict" if FLAGS.predict else "export"
   if not hasattr(module, what):
     raise ValueError(f"experiment {name} has no {what}() yet; experiments with one: see README.")
@@ -377,7 +485,7 @@ def use_trained(module, name: str, config, workdir: str) -> None:
     return
   if FLAGS.predict != "-" and not os.path.isfile(FLAGS.predict):
     raise FileNotFoundError(f"--predict={FLAGS.predict}: no such file (use - for stdin).")
-  with (sys.stdin if FLAGS.predict == "-" else open(FLAGS.predict)) as f:
+  with sys.stdin if FLAGS.predict == "-" else open(FLAGS.predict) as f:
     lines = [line.rstrip("\n") for line in f if line.strip()]
   if not lines:
     raise ValueError(f"--predict={FLAGS.predict} holds no input lines.")
@@ -385,8 +493,10 @@ def use_trained(module, name: str, config, workdir: str) -> None:
   if "out_dir" in inspect.signature(module.predict).parameters:  # its predictions are files
     out_dir = os.path.realpath(FLAGS.predict_out)
     if os.path.commonpath([out_dir, os.path.realpath(workdir)]) == os.path.realpath(workdir):
-      raise ValueError(f"--predict_out={FLAGS.predict_out} lies in the workdir {workdir}; "
-                       "predictions never go into the training record: pick another folder.")
+      raise ValueError(
+        f"--predict_out={FLAGS.predict_out} lies in the workdir {workdir}; "
+        "predictions never go into the training record: pick another folder."
+      )
     options["out_dir"] = FLAGS.predict_out
   for record in module.predict(config, workdir, lines, **options):
     print(json.dumps(record))
@@ -401,8 +511,9 @@ def main(argv):
     print(list_experiments())
     return 0
   if FLAGS.config is None:
-    raise app.UsageError("--config is required, e.g. --config=experiments/bert_pretrain.py "
-                         "(see --list).")
+    raise app.UsageError(
+      "--config is required, e.g. --config=experiments/bert_pretrain.py (see --list)."
+    )
   maybe_initialize_distributed()
   import jax  # only after distributed init: no JAX call may come before it.
   from maskax import runs
@@ -421,8 +532,14 @@ def main(argv):
     config.seed = FLAGS.seed
   workdir = FLAGS.workdir or os.path.join("runs", name, preset or "default")
   runs.check_workdir(workdir)
-  logging.info("experiment %s, preset %s, workdir %s, %d device(s) on %d process(es)",
-               name, preset or "default", workdir, jax.device_count(), jax.process_count())
+  logging.info(
+    "experiment %s, preset %s, workdir %s, %d device(s) on %d process(es)",
+    name,
+    preset or "default",
+    workdir,
+    jax.device_count(),
+    jax.process_count(),
+  )
   if FLAGS.predict or FLAGS.export:
     return use_trained(module, name, config, workdir) or 0
   try:

@@ -40,14 +40,17 @@ SEQ_LEN, MAX_PREDICTIONS, ROWS = 128, 20, 32
 def _usage() -> dict:
   """Peak RSS (this process or the largest waited-for child), CPU seconds of all, and this
   process's anonymous and file-backed RSS now (memory-mapped corpus pages are file-backed)."""
-  own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
-                                                        resource.RUSAGE_CHILDREN))
+  own, children = (
+    resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+  )
   with open("/proc/self/status") as f:
     status = dict(line.split(":", 1) for line in f)
-  return dict(rss_mb=max(own.ru_maxrss, children.ru_maxrss) / 1024,  # Linux reports KiB.
-              cpu_s=own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime,
-              anon_mb=int(status["RssAnon"].split()[0]) / 1024,
-              file_mb=int(status["RssFile"].split()[0]) / 1024)
+  return dict(
+    rss_mb=max(own.ru_maxrss, children.ru_maxrss) / 1024,  # Linux reports KiB.
+    cpu_s=own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime,
+    anon_mb=int(status["RssAnon"].split()[0]) / 1024,
+    file_mb=int(status["RssFile"].split()[0]) / 1024,
+  )
 
 
 def make_corpus(folder: pathlib.Path, megabytes: float, seed: int = 0) -> list[str]:
@@ -58,7 +61,7 @@ def make_corpus(folder: pathlib.Path, megabytes: float, seed: int = 0) -> list[s
   sizes = np.array([len(d.encode()) + 2 for d in docs])
   rng = np.random.default_rng(seed)
   picks = rng.choice(len(docs), int(megabytes * 1e6 / sizes.mean() * 1.1) + 2)
-  picks = picks[:max(2, np.searchsorted(np.cumsum(sizes[picks]), megabytes * 1e6))]
+  picks = picks[: max(2, np.searchsorted(np.cumsum(sizes[picks]), megabytes * 1e6))]
   num_files = max(4, math.ceil(megabytes / 32))
   folder.mkdir(parents=True, exist_ok=True)
   paths = []
@@ -86,9 +89,14 @@ def _child_load(args) -> dict:
 
   count = args.processes
   start = time.perf_counter()
-  it = shards.PreparedBatches(args.out, batch_size=ROWS * count, seq_len=SEQ_LEN,
-                              max_predictions=MAX_PREDICTIONS, masking=args.masking,
-                              process_count=count)
+  it = shards.PreparedBatches(
+    args.out,
+    batch_size=ROWS * count,
+    seq_len=SEQ_LEN,
+    max_predictions=MAX_PREDICTIONS,
+    masking=args.masking,
+    process_count=count,
+  )
   next(it)
   init = time.perf_counter() - start
   start = time.perf_counter()
@@ -105,16 +113,23 @@ def _child_memory(args) -> dict:
   tok = prepare.load_vocab(args.vocab)
   start = time.perf_counter()
   docs = [d for path in args.inputs for d in corpus.load_documents(path)]
-  it = BertBatches(docs, tok, batch_size=ROWS, seq_len=SEQ_LEN, max_predictions=MAX_PREDICTIONS,
-                   masking=args.masking)
+  it = BertBatches(
+    docs,
+    tok,
+    batch_size=ROWS,
+    seq_len=SEQ_LEN,
+    max_predictions=MAX_PREDICTIONS,
+    masking=args.masking,
+  )
   build = time.perf_counter() - start
   text_mb = sum(os.path.getsize(p) for p in args.inputs) / 1e6
   start = time.perf_counter()
   for _ in range(args.batches):
     next(it)
   seconds = time.perf_counter() - start
-  return dict(seconds=build, mb_per_s=text_mb / build, seq_per_s=args.batches * ROWS / seconds,
-              **_usage())
+  return dict(
+    seconds=build, mb_per_s=text_mb / build, seq_per_s=args.batches * ROWS / seconds, **_usage()
+  )
 
 
 def _run_child(kind: str, **options) -> dict:
@@ -167,9 +182,11 @@ def compare_arrayrecord(folder: pathlib.Path, reads: int = 20_000) -> None:
 def _row(mb, path, step, how, result) -> str:
   cell = lambda key, fmt: format(result[key], fmt) if key in result else "-"
   anon = "-" if how.startswith("2") else f"{result['anon_mb']:,.0f} + {result['file_mb']:,.0f}"
-  return (f"| {mb:g} | {path} | {step} | {how} | {cell('mb_per_s', '.2f')} | "
-          f"{cell('seq_per_s', ',.0f')} | {result['rss_mb']:,.0f} | {anon} | "
-          f"{result['seconds']:.1f} | {result['cpu_s']:.1f} |")
+  return (
+    f"| {mb:g} | {path} | {step} | {how} | {cell('mb_per_s', '.2f')} | "
+    f"{cell('seq_per_s', ',.0f')} | {result['rss_mb']:,.0f} | {anon} | "
+    f"{result['seconds']:.1f} | {result['cpu_s']:.1f} |"
+  )
 
 
 def main() -> None:
@@ -182,8 +199,9 @@ def main() -> None:
   parser.add_argument("--compare_arrayrecord", action="store_true")
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
   for name in ("inputs", "out", "vocab", "masking"):
-    parser.add_argument(f"--{name}", action="append" if name == "inputs" else None,
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+      f"--{name}", action="append" if name == "inputs" else None, help=argparse.SUPPRESS
+    )
   parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
   parser.add_argument("--processes", type=int, default=1, help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -199,32 +217,40 @@ def main() -> None:
   vocab = root / "tokenizer.json"
   if not vocab.exists():
     tokenizer.WordPieceTokenizer(tokenizer.train_wordpiece(corpus.load_documents(), 8000)).save(
-        vocab)
-  print(f"workdir {root}; {os.cpu_count()} CPUs; seq {SEQ_LEN}, {ROWS} rows per process",
-        file=sys.stderr)
+      vocab
+    )
+  print(
+    f"workdir {root}; {os.cpu_count()} CPUs; seq {SEQ_LEN}, {ROWS} rows per process",
+    file=sys.stderr,
+  )
   rows = []
   for mb in sizes:
     inputs = make_corpus(root / f"corpus-{mb:g}MB", mb)
     out = root / f"prepared-{mb:g}MB"
     for workers in (1, 2):
-      result = _run_child("prepare", inputs=inputs, out=f"{out}-{workers}w", vocab=str(vocab),
-                          workers=workers)
+      result = _run_child(
+        "prepare", inputs=inputs, out=f"{out}-{workers}w", vocab=str(vocab), workers=workers
+      )
       rows.append(_row(mb, "prepared", "prepare", f"{workers} worker(s)", result))
       print(rows[-1], file=sys.stderr, flush=True)
     for masking, processes in (("static", 1), ("dynamic", 1), ("static", 8)):
-      result = _run_child("load", out=f"{out}-1w", masking=masking, processes=processes,
-                          batches=batches)
+      result = _run_child(
+        "load", out=f"{out}-1w", masking=masking, processes=processes, batches=batches
+      )
       how = masking + ("" if processes == 1 else f", 1 of {processes}")
       rows.append(_row(mb, "prepared", "load", how, result))
       print(rows[-1], file=sys.stderr, flush=True)
     if mb <= args.memory_max_mb:
       for masking in ("static", "dynamic"):
-        result = _run_child("memory", inputs=inputs, vocab=str(vocab), masking=masking,
-                            batches=batches)
+        result = _run_child(
+          "memory", inputs=inputs, vocab=str(vocab), masking=masking, batches=batches
+        )
         rows.append(_row(mb, "in-memory", "build + load", masking, result))
         print(rows[-1], file=sys.stderr, flush=True)
-  print("| corpus MB | path | step | how | prepare MB/s | seq/s per process | peak RSS MB | "
-        "RSS at end MB: anon + file | wall s | CPU s |")
+  print(
+    "| corpus MB | path | step | how | prepare MB/s | seq/s per process | peak RSS MB | "
+    "RSS at end MB: anon + file | wall s | CPU s |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|")
   print("\n".join(rows))
   if args.compare_arrayrecord:

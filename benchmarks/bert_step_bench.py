@@ -42,12 +42,14 @@ def random_batch(batch, seq_len, preds, vocab, seed=0):
   ids = np.where(mask, rng.integers(5, vocab, (batch, seq_len)), 0)
   positions = np.sort(np.stack([rng.choice(n, preds, replace=False) for n in lengths]), axis=1)
   return {
-      "input_ids": ids, "original_ids": ids, "input_mask": mask,
-      "segment_ids": (np.arange(seq_len)[None] >= lengths[:, None] // 2) & mask,
-      "masked_lm_positions": positions,
-      "masked_lm_ids": np.take_along_axis(ids, positions, 1),
-      "masked_lm_weights": np.ones((batch, preds), np.float32),
-      "next_sentence_labels": rng.integers(0, 2, batch),
+    "input_ids": ids,
+    "original_ids": ids,
+    "input_mask": mask,
+    "segment_ids": (np.arange(seq_len)[None] >= lengths[:, None] // 2) & mask,
+    "masked_lm_positions": positions,
+    "masked_lm_ids": np.take_along_axis(ids, positions, 1),
+    "masked_lm_weights": np.ones((batch, preds), np.float32),
+    "next_sentence_labels": rng.integers(0, 2, batch),
   }
 
 
@@ -67,9 +69,12 @@ def bench_row(config, batch_np, dtype, head, steps, windows):
   with config.unlocked():
     config.model.dtype, config.model.mlm_head = dtype, head
   model = bert_pretrain.make_model(config, config.data.vocab_size)
-  task = train.Task(init=bert_pretrain.init_fn(model, config),
-                    loss=bert_pretrain.make_loss(model, config, mask_id=MASK_ID),
-                    optimizer=bert_pretrain.make_optimizer(config), train_data=None)
+  task = train.Task(
+    init=bert_pretrain.init_fn(model, config),
+    loss=bert_pretrain.make_loss(model, config, mask_id=MASK_ID),
+    optimizer=bert_pretrain.make_optimizer(config),
+    train_data=None,
+  )
   mesh = sharding.make_mesh()
   init = jax.jit(functools.partial(train.init_state, task), out_shardings=sharding.replicated(mesh))
   state = init(jax.random.PRNGKey(0))
@@ -103,14 +108,21 @@ def main():
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--seq_len", type=int, default=128)
   parser.add_argument("--vocab", type=int, default=30522)
-  parser.add_argument("--rows", default="bfloat16:gathered,float32:gathered,bfloat16:full",
-                      help="comma-separated dtype:head rows")
+  parser.add_argument(
+    "--rows",
+    default="bfloat16:gathered,float32:gathered,bfloat16:full",
+    help="comma-separated dtype:head rows",
+  )
   parser.add_argument("--steps", type=int, default=10, help="steps per timed window")
   parser.add_argument("--windows", type=int, default=3)
   parser.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout")
   parser.add_argument("--prng_impl", default="", help="jax_default_prng_impl, e.g. rbg")
-  parser.add_argument("--peak_tflops", type=float, default=0.0,
-                      help="datasheet dense peak for MFU (e.g. 989 for H100/H200 SXM bf16)")
+  parser.add_argument(
+    "--peak_tflops",
+    type=float,
+    default=0.0,
+    help="datasheet dense peak for MFU (e.g. 989 for H100/H200 SXM bf16)",
+  )
   args = parser.parse_args()
   if args.quick:
     args.size, args.batch, args.seq_len, args.vocab, args.steps = "smoke", 8, 32, 1000, 3
@@ -129,25 +141,35 @@ def main():
   on_gpu = device.platform == "gpu"
   peak_dtype = jnp.bfloat16 if on_gpu else jnp.float32
   measured = matmul_tflops(peak_dtype, 8192 if on_gpu else 1024)
-  print(f"device: {device.device_kind} x{jax.device_count()}, jax {jax.__version__}; "
-        f"BERT-{args.size} B={args.batch} T={args.seq_len} P={preds} V={args.vocab}, "
-        f"dropout {args.dropout}, PRNG {jax.config.jax_default_prng_impl}")
-  print(f"measured {jnp.dtype(peak_dtype).name} matmul peak: {measured:.1f} TFLOP/s"
-        + (f"; datasheet peak {args.peak_tflops:.0f} TFLOP/s" if args.peak_tflops else ""))
-  print("\n| dtype | MLM head | ms/step | tokens/s | model TFLOP/s | MFU (measured peak) "
-        "| MFU (datasheet) | XLA temp memory | compile s | loss |")
+  print(
+    f"device: {device.device_kind} x{jax.device_count()}, jax {jax.__version__}; "
+    f"BERT-{args.size} B={args.batch} T={args.seq_len} P={preds} V={args.vocab}, "
+    f"dropout {args.dropout}, PRNG {jax.config.jax_default_prng_impl}"
+  )
+  print(
+    f"measured {jnp.dtype(peak_dtype).name} matmul peak: {measured:.1f} TFLOP/s"
+    + (f"; datasheet peak {args.peak_tflops:.0f} TFLOP/s" if args.peak_tflops else "")
+  )
+  print(
+    "\n| dtype | MLM head | ms/step | tokens/s | model TFLOP/s | MFU (measured peak) "
+    "| MFU (datasheet) | XLA temp memory | compile s | loss |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|")
   model_config = bert_pretrain.make_model(config, args.vocab).config  # sizes: same every row
   for row in args.rows.split(","):
     dtype, head = row.split(":")
     flops = bert.train_flops_per_sequence(model_config, args.seq_len, preds, head) * args.batch
-    sec, compile_s, loss, temp_bytes = bench_row(config, batch, dtype, head, args.steps,
-                                               args.windows)
+    sec, compile_s, loss, temp_bytes = bench_row(
+      config, batch, dtype, head, args.steps, args.windows
+    )
     tflops = flops / sec / 1e12
     datasheet = f"{100 * tflops / args.peak_tflops:.1f}%" if args.peak_tflops else "-"
-    print(f"| {dtype} | {head} | {1e3 * sec:.1f} | {args.batch * args.seq_len / sec:,.0f} "
-          f"| {tflops:.3g} | {100 * tflops / measured:.1f}% | {datasheet} | {temp_bytes / 2**20:,.0f} MiB "
-          f"| {compile_s:.1f} | {loss:.3f} |", flush=True)
+    print(
+      f"| {dtype} | {head} | {1e3 * sec:.1f} | {args.batch * args.seq_len / sec:,.0f} "
+      f"| {tflops:.3g} | {100 * tflops / measured:.1f}% | {datasheet} | {temp_bytes / 2**20:,.0f} MiB "
+      f"| {compile_s:.1f} | {loss:.3f} |",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

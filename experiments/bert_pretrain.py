@@ -34,17 +34,23 @@ from maskax.data.batching import BertBatches
 from maskax.models import bert, bert_predict, hf_bert
 
 PRESETS = {
-    "default": "tiny BERT (2x128), seq 128, 600 steps: about 3 minutes on a 2-core CPU",
-    "ablation": "as default with 200 steps, for the 4-way MLM-reduction sweep",
-    "mini": "4x256 BERT, 2,000 steps (a faster CPU or a GPU)",
-    "base": "BERT-base 12x768, seq 128, batch 256, bf16 compute, WordPiece 10k (accelerators)",
-    "smoke": "1-layer 32-wide BERT on a slice of the corpus, 4 steps (seconds; tests)",
+  "default": "tiny BERT (2x128), seq 128, 600 steps: about 3 minutes on a 2-core CPU",
+  "ablation": "as default with 200 steps, for the 4-way MLM-reduction sweep",
+  "mini": "4x256 BERT, 2,000 steps (a faster CPU or a GPU)",
+  "base": "BERT-base 12x768, seq 128, batch 256, bf16 compute, WordPiece 10k (accelerators)",
+  "smoke": "1-layer 32-wide BERT on a slice of the corpus, 4 steps (seconds; tests)",
 }
 # The learning-rate schedule decays to 0 at train.steps: extending a run would change it.
 RESUME_PINNED_KEYS = ("train.steps",)
 MLM_REDUCTIONS = ("masked", "masked_sum_over_nonpad", "all_nonpad_tokens", "all_tokens")
-REPORT_METRICS = ("eval/mlm_accuracy", "eval/mlm_accuracy_mask_slots", "eval/mlm_masked_loss",
-                  "eval/nsp_accuracy", "steps_per_s", "tokens_per_s")
+REPORT_METRICS = (
+  "eval/mlm_accuracy",
+  "eval/mlm_accuracy_mask_slots",
+  "eval/mlm_masked_loss",
+  "eval/nsp_accuracy",
+  "steps_per_s",
+  "tokens_per_s",
+)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -130,23 +136,40 @@ def build_data(config, workdir):
   """Tokenizer, training iterator, fixed held-out batches."""
   docs = corpus.load_documents(config.data.path or None)
   if config.data.max_documents:
-    docs = docs[:config.data.max_documents]
-  train_docs, eval_docs = corpus.split_documents(docs, config.data.eval_fraction,
-                                                 config.data.seed)
+    docs = docs[: config.data.max_documents]
+  train_docs, eval_docs = corpus.split_documents(docs, config.data.eval_fraction, config.data.seed)
   if not eval_docs:
     raise ValueError("data.eval_fraction leaves no held-out document; raise it or add data.")
-  tok = tokenizer_lib.for_run(train_docs, config.data.vocab_size, workdir,
-                              vocab_file=config.data.vocab_file)
-  common = dict(batch_size=config.train.batch_size, seq_len=config.data.seq_len,
-                max_predictions=config.data.max_predictions,
-                masked_lm_prob=config.data.masked_lm_prob,
-                short_seq_prob=config.data.short_seq_prob,
-                process_index=jax.process_index(), process_count=jax.process_count())
-  train_data = BertBatches(train_docs, tok, masking=config.data.masking, seed=config.seed,
-                           whole_word_masking=config.data.whole_word_masking, **common)
+  tok = tokenizer_lib.for_run(
+    train_docs, config.data.vocab_size, workdir, vocab_file=config.data.vocab_file
+  )
+  common = dict(
+    batch_size=config.train.batch_size,
+    seq_len=config.data.seq_len,
+    max_predictions=config.data.max_predictions,
+    masked_lm_prob=config.data.masked_lm_prob,
+    short_seq_prob=config.data.short_seq_prob,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  train_data = BertBatches(
+    train_docs,
+    tok,
+    masking=config.data.masking,
+    seed=config.seed,
+    whole_word_masking=config.data.whole_word_masking,
+    **common,
+  )
   # Held-out masks are static and fixed, so every evaluation scores the same predictions.
-  eval_iter = BertBatches(eval_docs, tok, masking="static", seed=config.data.seed + 1,
-                          dupe_factor=1, num_epochs=1, **common)
+  eval_iter = BertBatches(
+    eval_docs,
+    tok,
+    masking="static",
+    seed=config.data.seed + 1,
+    dupe_factor=1,
+    num_epochs=1,
+    **common,
+  )
   eval_batches = [b for _, b in zip(range(config.data.eval_batches), eval_iter)]
   if not eval_batches:
     raise ValueError("the held-out split is smaller than one batch; raise data.eval_fraction.")
@@ -160,8 +183,10 @@ def unigram_baseline(train_data: BertBatches, eval_batches, vocab_size: int) -> 
   counts[list(train_data.tokenizer.special_ids)] = 0
   probs = (counts + 1) / (counts + 1).sum()  # add-one, so unseen tokens have finite loss
   ids = np.concatenate([b["masked_lm_ids"][b["masked_lm_weights"] > 0] for b in eval_batches])
-  return {"unigram_accuracy": float(np.mean(ids == np.argmax(counts))),
-          "unigram_loss": float(-np.mean(np.log(probs[ids])))}
+  return {
+    "unigram_accuracy": float(np.mean(ids == np.argmax(counts))),
+    "unigram_loss": float(-np.mean(np.log(probs[ids]))),
+  }
 
 
 def make_loss(model, config, mask_id: int):
@@ -172,12 +197,20 @@ def make_loss(model, config, mask_id: int):
   head = "full" if mode.startswith("all_") else config.model.mlm_head
 
   def loss(params, model_state, batch, key, *, train):
-    out = model.apply({"params": params}, batch["input_ids"], batch["segment_ids"],
-                      batch["input_mask"], batch["masked_lm_positions"], train=train,
-                      mlm_head=head, rngs={"dropout": key})
+    out = model.apply(
+      {"params": params},
+      batch["input_ids"],
+      batch["segment_ids"],
+      batch["input_mask"],
+      batch["masked_lm_positions"],
+      train=train,
+      mlm_head=head,
+      rngs={"dropout": key},
+    )
     logits = out["mlm_logits"]
-    gathered = (bert.gather_positions(logits, batch["masked_lm_positions"])
-                if head == "full" else logits)
+    gathered = (
+      bert.gather_positions(logits, batch["masked_lm_positions"]) if head == "full" else logits
+    )
     ids, weights = batch["masked_lm_ids"], batch["masked_lm_weights"]
     masked = losses.mlm_loss(gathered, ids, weights)
     if mode == "masked":
@@ -187,15 +220,16 @@ def make_loss(model, config, mask_id: int):
     elif mode == "all_nonpad_tokens":  # every real token predicts its original id
       mlm = losses.masked_xent(logits, batch["original_ids"], batch["input_mask"])
     else:  # all_tokens: padding included (its label is [PAD] = 0)
-      mlm = losses.masked_xent(logits, batch["original_ids"],
-                               jnp.ones_like(batch["input_mask"]))
+      mlm = losses.masked_xent(logits, batch["original_ids"], jnp.ones_like(batch["input_mask"]))
     nsp_labels = batch["next_sentence_labels"]
     every = jnp.ones(nsp_labels.shape, jnp.bool_)
     terms = {"mlm": mlm, "nsp": losses.nsp_loss(out["nsp_logits"], nsp_labels)}
-    metrics = {"mlm_masked_loss": masked,
-               "mlm_accuracy": losses.mlm_accuracy(gathered, ids, weights),
-               **losses.mlm_slot_accuracies(gathered, batch, mask_id),
-               "nsp_accuracy": losses.masked_accuracy(out["nsp_logits"], nsp_labels, every)}
+    metrics = {
+      "mlm_masked_loss": masked,
+      "mlm_accuracy": losses.mlm_accuracy(gathered, ids, weights),
+      **losses.mlm_slot_accuracies(gathered, batch, mask_id),
+      "nsp_accuracy": losses.masked_accuracy(out["nsp_logits"], nsp_labels, every),
+    }
     return terms, metrics, model_state
 
   return loss
@@ -204,9 +238,17 @@ def make_loss(model, config, mask_id: int):
 def make_model(config, vocab_size: int) -> bert.Bert:
   m = config.model
   sizes = {k: m[k] for k in ("num_layers", "hidden", "num_heads", "intermediate") if m[k] > 0}
-  return bert.Bert(bert.BertConfig.preset(
-      m.size, vocab_size, max_position=m.max_position or max(config.data.seq_len, 512),
-      dropout=m.dropout, attention_dropout=m.dropout, dtype=jnp.dtype(m.dtype), **sizes))
+  return bert.Bert(
+    bert.BertConfig.preset(
+      m.size,
+      vocab_size,
+      max_position=m.max_position or max(config.data.seq_len, 512),
+      dropout=m.dropout,
+      attention_dropout=m.dropout,
+      dtype=jnp.dtype(m.dtype),
+      **sizes,
+    )
+  )
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -214,12 +256,16 @@ def make_optimizer(config) -> optax.GradientTransformation:
   weight decay on LayerNorm parameters and biases (`bert.weight_decay_mask`), as BERT."""
   t = config.train
   schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps),
-       optax.linear_schedule(t.learning_rate, 0.0, max(t.steps - t.warmup_steps, 1))],
-      [t.warmup_steps])
-  return optax.chain(optax.clip_by_global_norm(t.grad_clip),
-                     optax.adamw(schedule, weight_decay=t.weight_decay,
-                                 mask=bert.weight_decay_mask))
+    [
+      optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps),
+      optax.linear_schedule(t.learning_rate, 0.0, max(t.steps - t.warmup_steps, 1)),
+    ],
+    [t.warmup_steps],
+  )
+  return optax.chain(
+    optax.clip_by_global_norm(t.grad_clip),
+    optax.adamw(schedule, weight_decay=t.weight_decay, mask=bert.weight_decay_mask),
+  )
 
 
 def init_fn(model, config):
@@ -228,8 +274,9 @@ def init_fn(model, config):
 
   def init(key):
     zeros = jnp.zeros((1, T), jnp.int32)
-    variables = model.init(key, zeros, zeros, jnp.ones((1, T), bool), jnp.zeros((1, P), jnp.int32),
-                           train=False)
+    variables = model.init(
+      key, zeros, zeros, jnp.ones((1, T), bool), jnp.zeros((1, P), jnp.int32), train=False
+    )
     return variables["params"], {}
 
   return init
@@ -239,11 +286,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tok, train_data, eval_batches = build_data(config, workdir)
   model = make_model(config, tok.vocab_size)
   baseline = unigram_baseline(train_data, eval_batches, tok.vocab_size)
-  task = train.Task(init=init_fn(model, config), loss=make_loss(model, config, tok.mask_id),
-                    optimizer=make_optimizer(config), train_data=train_data,
-                    eval_data=lambda: eval_batches, extra_eval=lambda state: baseline)
-  _, final = train.train(task, train.LoopOptions.from_config(config.train), workdir,
-                         seed=config.seed)
+  task = train.Task(
+    init=init_fn(model, config),
+    loss=make_loss(model, config, tok.mask_id),
+    optimizer=make_optimizer(config),
+    train_data=train_data,
+    eval_data=lambda: eval_batches,
+    extra_eval=lambda state: baseline,
+  )
+  _, final = train.train(
+    task, train.LoopOptions.from_config(config.train), workdir, seed=config.seed
+  )
   B, T = config.train.batch_size, config.data.seq_len
   final["tokens_per_s"] = final.get("steps_per_s", 0.0) * B * T
   final["params"] = float(bert.param_count(model.config))
@@ -256,8 +309,7 @@ def _trained_model(config, workdir: str):
   path = config.data.vocab_file or os.path.join(workdir, "tokenizer.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} is missing: the run's tokenizer is needed to read input.")
-  tok = (tokenizer_lib.from_vocab_txt(path) if config.data.vocab_file
-         else tokenizer_lib.load(path))
+  tok = tokenizer_lib.from_vocab_txt(path) if config.data.vocab_file else tokenizer_lib.load(path)
   return make_model(config, tok.vocab_size), trained.params, tok
 
 
@@ -267,10 +319,10 @@ def predict(config, workdir: str, lines: list[str], *, top_k: int = 5) -> list[d
   out = []
   for line in lines:
     if bert_predict.PAIR_SEPARATOR in line:
-      p, = bert_predict.next_sentence_probability(model, params, tok, [line])
+      (p,) = bert_predict.next_sentence_probability(model, params, tok, [line])
       out.append({"input": line, "is_next_probability": p})
     else:
-      slots, = bert_predict.fill_mask(model, params, tok, [line], top_k=top_k)
+      (slots,) = bert_predict.fill_mask(model, params, tok, [line], top_k=top_k)
       out.append({"input": line, "masks": slots})
   return out
 

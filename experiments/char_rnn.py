@@ -45,19 +45,35 @@ from maskax.data import chars, corpus
 from maskax.models import char_rnn
 
 PRESETS = {
-    "default": "embedding 64, GRU 256, batch 32 x 100, 1.6 M characters (about 3 min, 2-core CPU)",
-    "ablation": "as default, 1.64 M characters evaluated twice, for the seq_len / mode sweeps",
-    "tutorial": "the TF tutorial's sizes: embedding 256, GRU 1024, batch 64 x 100 (accelerators)",
-    "smoke": "tiny GRU on 20 k characters, 6 steps, checkpoint every 3 (seconds; tests)",
+  "default": "embedding 64, GRU 256, batch 32 x 100, 1.6 M characters (about 3 min, 2-core CPU)",
+  "ablation": "as default, 1.64 M characters evaluated twice, for the seq_len / mode sweeps",
+  "tutorial": "the TF tutorial's sizes: embedding 256, GRU 1024, batch 64 x 100 (accelerators)",
+  "smoke": "tiny GRU on 20 k characters, 6 steps, checkpoint every 3 (seconds; tests)",
 }
 MODES = ("stateless", "stateful", "stateful_shuffled")
-REPORT_METRICS = ("eval/bpc_reset", "eval/bpc_carried", "bpc", "unigram_bpc", "tokens_per_s",
-                  "steps", "batch_size")
+REPORT_METRICS = (
+  "eval/bpc_reset",
+  "eval/bpc_carried",
+  "bpc",
+  "unigram_bpc",
+  "tokens_per_s",
+  "steps",
+  "batch_size",
+)
 # Generation options (and the samples logged at each evaluation) may change when re-running in
 # a training workdir: they change what is printed, not what is trained. `mode` and
 # `context_chars` are keys of runs made before --predict replaced `mode=generate`.
-RESUME_SAFE_KEYS = ("mode", "prompt", "prompt_separator", "length", "temperature", "top_k",
-                    "sample_seed", "context_chars", "log_sample_chars")
+RESUME_SAFE_KEYS = (
+  "mode",
+  "prompt",
+  "prompt_separator",
+  "length",
+  "temperature",
+  "top_k",
+  "sample_seed",
+  "context_chars",
+  "log_sample_chars",
+)
 # Keys --predict takes from the command line instead of the trained run (launch.trained_config).
 PREDICT_KEYS = ("length", "temperature", "top_k", "sample_seed")
 # The cosine schedule decays over train.steps: extending a run would change it mid-way.
@@ -135,7 +151,7 @@ def load_ids(config, workdir: str | None = None):
   (or the workdir's vocab.json, so generation uses the vocabulary the model was trained with)."""
   text = corpus.load_text(config.data.path or None)
   if config.data.max_chars:
-    text = text[:config.data.max_chars]
+    text = text[: config.data.max_chars]
   cut = len(text) - int(round(len(text) * config.data.eval_fraction))
   path = os.path.join(workdir, "vocab.json") if workdir else None
   if path and os.path.exists(path):
@@ -167,8 +183,7 @@ def unigram_bpc(train_ids, held_out, vocab_size: int) -> float:
 
 def build_model(config, vocab_size: int) -> char_rnn.CharRNN:
   m = config.model
-  return char_rnn.CharRNN(vocab_size, m.embed_dim, m.hidden, m.num_layers, m.cell,
-                          m.dropout_rate)
+  return char_rnn.CharRNN(vocab_size, m.embed_dim, m.hidden, m.num_layers, m.cell, m.dropout_rate)
 
 
 def make_loss(model: char_rnn.CharRNN, *, stateful: bool):
@@ -181,8 +196,9 @@ def make_loss(model: char_rnn.CharRNN, *, stateful: bool):
     if train and stateful:
       carry = char_rnn.reset_carry(jax.lax.stop_gradient(model_state["carry"]), batch["reset"])
     rngs = {"dropout": key} if train and model.dropout_rate else {}
-    logits, new_carry = model.apply({"params": params}, inputs, initial_carry=carry,
-                                    deterministic=not train, rngs=rngs)
+    logits, new_carry = model.apply(
+      {"params": params}, inputs, initial_carry=carry, deterministic=not train, rngs=rngs
+    )
     xent = losses.masked_xent(logits, targets, jnp.ones(targets.shape, bool))
     if train and stateful:
       model_state = {"carry": jax.lax.stop_gradient(new_carry)}
@@ -203,8 +219,16 @@ def make_sampler(model, vocab, config):
   def sample(params, prompts, steps, key):
     ids, lengths = chars.pad_prompts(prompts, vocab)
     keys = char_rnn.row_keys(key, len(prompts))
-    tokens, _ = gen(params, ids, lengths, keys, steps=steps, temperature=config.temperature,
-                    top_k=config.top_k, banned=vocab.banned())
+    tokens, _ = gen(
+      params,
+      ids,
+      lengths,
+      keys,
+      steps=steps,
+      temperature=config.temperature,
+      top_k=config.top_k,
+      banned=vocab.banned(),
+    )
     return [vocab.decode(row) for row in np.asarray(tokens)]
 
   return sample
@@ -215,25 +239,34 @@ def make_eval(model, vocab, held_out, config, workdir) -> dict:
   the carry reset per window (`_reset`) or carried across (`_carried`), and a logged sample
   (`extra_eval`: generation loops over its own outputs on the host; it is no eval sum)."""
   d = config.data
-  ids = held_out[:d.eval_chars + 1] if d.eval_chars else held_out
+  ids = held_out[: d.eval_chars + 1] if d.eval_chars else held_out
   layout = chars.stream_windows(
-      ids, d.eval_streams, d.eval_seq_len, what="the held-out text",
-      fix=(f"raise data.eval_fraction={d.eval_fraction}, or lower data.eval_streams"
-           f"={d.eval_streams} or data.eval_seq_len={d.eval_seq_len}"))
+    ids,
+    d.eval_streams,
+    d.eval_seq_len,
+    what="the held-out text",
+    fix=(
+      f"raise data.eval_fraction={d.eval_fraction}, or lower data.eval_streams"
+      f"={d.eval_streams} or data.eval_seq_len={d.eval_seq_len}"
+    ),
+  )
   batches = evaluation.fixed_batches(layout, d.eval_streams)  # one batch: i32[B, K, T] each
   sample = make_sampler(model, vocab, config)
   sample_key = jax.random.key(config.sample_seed)
 
   def eval_sums(params, model_state, batch, key):
     sums = char_rnn.stream_xent(model, params, batch["inputs"], batch["targets"])
-    return {**{f"xent_{k}": pair for k, pair in sums.items()},
-            **{f"bpc_{k}": char_rnn.bits_per_char(*pair) for k, pair in sums.items()}}
+    return {
+      **{f"xent_{k}": pair for k, pair in sums.items()},
+      **{f"bpc_{k}": char_rnn.bits_per_char(*pair) for k, pair in sums.items()},
+    }
 
   def log_sample(state):
     if config.log_sample_chars and jax.process_index() == 0:
       # Host copies of the replicated params: the sample runs on this process's device alone.
-      texts = sample(sharding.to_host(state.params), _prompts(config), config.log_sample_chars,
-                     sample_key)
+      texts = sample(
+        sharding.to_host(state.params), _prompts(config), config.log_sample_chars, sample_key
+      )
       step = int(jax.device_get(state.step))
       for prompt, text in zip(_prompts(config), texts):
         logging.info("sample at step %d: %r", step, prompt + text)
@@ -251,8 +284,10 @@ def build_task(config, model, train_ids, **eval_fields) -> train.Task:
     raise ValueError(f"train.mode={mode!r}: use one of {', '.join(MODES)}.")
   stateful = mode != "stateless"
   if stateful and config.train.grad_accum_steps != 1:
-    raise ValueError(f"train.mode={mode} carries one state per batch row, so micro-batches cannot"
-                     " split the batch; use train.grad_accum_steps=1 or train.mode=stateless.")
+    raise ValueError(
+      f"train.mode={mode} carries one state per batch row, so micro-batches cannot"
+      " split the batch; use train.grad_accum_steps=1 or train.mode=stateless."
+    )
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
   if mode == "stateful":
     data = chars.StreamBatches(train_ids, B, T, **proc)
@@ -266,9 +301,13 @@ def build_task(config, model, train_ids, **eval_fields) -> train.Task:
   steps = resolve_steps(config)[0]
   schedule = optax.cosine_decay_schedule(config.train.learning_rate, steps, alpha=0.1)
   clip = [optax.clip_by_global_norm(config.train.grad_clip)] if config.train.grad_clip else []
-  return train.Task(init=init, loss=make_loss(model, stateful=stateful),
-                    optimizer=optax.chain(*clip, optax.adam(schedule)), train_data=data,
-                    **eval_fields)
+  return train.Task(
+    init=init,
+    loss=make_loss(model, stateful=stateful),
+    optimizer=optax.chain(*clip, optax.adam(schedule)),
+    train_data=data,
+    **eval_fields,
+  )
 
 
 def batch_size(config) -> int:
@@ -278,8 +317,10 @@ def batch_size(config) -> int:
     return config.train.batch_size
   B = config.train.batch_chars // config.data.seq_len
   if B < 1 or B * config.data.seq_len != config.train.batch_chars:
-    raise ValueError(f"train.batch_chars={config.train.batch_chars} must be a multiple of "
-                     f"data.seq_len={config.data.seq_len}.")
+    raise ValueError(
+      f"train.batch_chars={config.train.batch_chars} must be a multiple of "
+      f"data.seq_len={config.data.seq_len}."
+    )
   return B
 
 
@@ -296,8 +337,11 @@ def resolve_steps(config) -> tuple[int, int]:
 
 def _tokens_per_s(workdir, per_step: int) -> float:
   """Median over log intervals (compilation and resumes are outliers), times B*T."""
-  rates = [r["steps_per_s"] for r in progress.read_metrics(workdir)
-           if isinstance(r.get("steps_per_s"), float)]
+  rates = [
+    r["steps_per_s"]
+    for r in progress.read_metrics(workdir)
+    if isinstance(r.get("steps_per_s"), float)
+  ]
   return float(np.median(rates)) * per_step if rates else float("nan")
 
 
@@ -313,10 +357,12 @@ def continuation_bpc(model, params, segments, context: int):
   mask = jnp.broadcast_to(after, inputs.shape)
   logits, _ = model.apply({"params": params}, inputs)
   carried = losses.masked_xent(logits, targets, mask)
-  logits, _ = model.apply({"params": params}, inputs[:, context - 1:])
-  reset = losses.masked_xent(logits, targets[:, context - 1:], mask[:, context - 1:])
-  return {name: losses.safe_div(*pair) / np.log(2.0)
-          for name, pair in (("reset", reset), ("carried", carried))}
+  logits, _ = model.apply({"params": params}, inputs[:, context - 1 :])
+  reset = losses.masked_xent(logits, targets[:, context - 1 :], mask[:, context - 1 :])
+  return {
+    name: losses.safe_div(*pair) / np.log(2.0)
+    for name, pair in (("reset", reset), ("carried", carried))
+  }
 
 
 def predict(config, workdir: str, lines: list[str]) -> list[dict]:
@@ -327,8 +373,10 @@ def predict(config, workdir: str, lines: list[str]) -> list[dict]:
   vocab = saved_vocab(workdir)
   unknown = sorted({c for line in lines for c in line} - set(vocab.chars))
   if unknown:
-    raise ValueError(f"characters outside the run's vocabulary of {vocab.size - 1}: {unknown}; "
-                     "remove or replace them.")
+    raise ValueError(
+      f"characters outside the run's vocabulary of {vocab.size - 1}: {unknown}; "
+      "remove or replace them."
+    )
   sample = make_sampler(build_model(config, vocab.size), vocab, config)
   texts = sample(params, lines, config.length, jax.random.key(config.sample_seed))
   return [{"prompt": prompt, "text": text} for prompt, text in zip(lines, texts)]
@@ -350,35 +398,47 @@ def continuation_study(config, workdir: str, *, context_chars: int) -> dict:
   key = jax.random.key(config.sample_seed)
   C, L, B = context_chars, config.length, config.data.eval_streams
   layout = chars.stream_windows(
-      held_out, B, C + L, what="the held-out text for generation",
-      fix=(f"raise data.eval_fraction, or lower data.eval_streams={B}, context_chars={C} or "
-           f"length={L}"))
+    held_out,
+    B,
+    C + L,
+    what="the held-out text for generation",
+    fix=(
+      f"raise data.eval_fraction, or lower data.eval_streams={B}, context_chars={C} or length={L}"
+    ),
+  )
   segments = np.concatenate([layout["inputs"][:, 0], layout["targets"][:, 0, -1:]], axis=1)
-  bpc = jax.device_get(jax.jit(continuation_bpc, static_argnums=(0, 3))(
-      model, params, segments, C))
+  bpc = jax.device_get(jax.jit(continuation_bpc, static_argnums=(0, 3))(model, params, segments, C))
   contexts = [vocab.decode(s[:C]) for s in segments[:1]]
   reset = sample(params, [c[-1:] for c in contexts], L, key)
   carried = sample(params, contexts, L, key)
-  print(f"=== held-out context (last 300 of {C} characters) ===\n{contexts[0][-300:]}\n"
-        f"=== true continuation ===\n{vocab.decode(segments[0, C:])}\n"
-        f"=== sampled from a reset state (prompt: the last character) ===\n{reset[0]}\n"
-        f"=== sampled after the {C}-character context ===\n{carried[0]}\n")
-  return {"continuation_bpc_reset": float(bpc["reset"]),
-          "continuation_bpc_carried": float(bpc["carried"])}
+  print(
+    f"=== held-out context (last 300 of {C} characters) ===\n{contexts[0][-300:]}\n"
+    f"=== true continuation ===\n{vocab.decode(segments[0, C:])}\n"
+    f"=== sampled from a reset state (prompt: the last character) ===\n{reset[0]}\n"
+    f"=== sampled after the {C}-character context ===\n{carried[0]}\n"
+  )
+  return {
+    "continuation_bpc_reset": float(bpc["reset"]),
+    "continuation_bpc_carried": float(bpc["carried"]),
+  }
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   vocab, train_ids, held_out = load_ids(config, workdir)
   model = build_model(config, vocab.size)
   mesh = sharding.make_mesh()
-  task = build_task(config, model, train_ids,
-                    **make_eval(model, vocab, held_out, config, workdir))
+  task = build_task(config, model, train_ids, **make_eval(model, vocab, held_out, config, workdir))
   steps, eval_every = resolve_steps(config)
-  options = train.LoopOptions.from_config({**config.train.to_dict(), "steps": steps,
-                                           "eval_every": eval_every})
+  options = train.LoopOptions.from_config(
+    {**config.train.to_dict(), "steps": steps, "eval_every": eval_every}
+  )
   _, final = train.train(task, options, workdir, seed=config.seed, mesh=mesh)
   per_step = batch_size(config) * config.data.seq_len
-  return {**final, "steps": float(steps), "batch_size": float(batch_size(config)),
-          "vocab_size": float(vocab.size),
-          "unigram_bpc": unigram_bpc(train_ids, held_out, vocab.size),
-          "tokens_per_s": _tokens_per_s(workdir, per_step)}
+  return {
+    **final,
+    "steps": float(steps),
+    "batch_size": float(batch_size(config)),
+    "vocab_size": float(vocab.size),
+    "unigram_bpc": unigram_bpc(train_ids, held_out, vocab.size),
+    "tokens_per_s": _tokens_per_s(workdir, per_step),
+  }

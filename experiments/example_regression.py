@@ -26,8 +26,8 @@ from maskax.data import iterators
 RESUME_SAFE_KEYS = ("debug.step_delay_s",)
 
 PRESETS = {
-    "default": "128-wide MLP, 600 steps (about 20 s on a 2-core CPU)",
-    "smoke": "tiny MLP, 6 steps, checkpoint every 2 (seconds; for tests)",
+  "default": "128-wide MLP, 600 steps (about 20 s on a 2-core CPU)",
+  "smoke": "tiny MLP, 6 steps, checkpoint every 2 (seconds; for tests)",
 }
 
 
@@ -106,6 +106,7 @@ class _Injecting(iterators.SyntheticBatches):
       batch["x"][0, 0, 0] = np.inf
     if self._delay:
       import time
+
       time.sleep(self._delay)
     return batch
 
@@ -114,11 +115,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = MLP(config.model.hidden)
   make = make_batch_fn(config.data)
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_data = _Injecting(make, config.train.batch_size, config.seed,
-                          inject_position=config.debug.inject_nonfinite_at_step - 1,
-                          delay_s=config.debug.step_delay_s, **proc)
-  eval_iter = iterators.SyntheticBatches(make, config.train.batch_size, config.data.seed + 1,
-                                         **proc)
+  train_data = _Injecting(
+    make,
+    config.train.batch_size,
+    config.seed,
+    inject_position=config.debug.inject_nonfinite_at_step - 1,
+    delay_s=config.debug.step_delay_s,
+    **proc,
+  )
+  eval_iter = iterators.SyntheticBatches(
+    make, config.train.batch_size, config.data.seed + 1, **proc
+  )
   eval_batches = [next(eval_iter) for _ in range(config.data.eval_batches)]
 
   def init(key):
@@ -137,9 +144,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return {"mse": mse}, {}, model_state
 
   task = train.Task(
-      init=init, loss=loss,
-      optimizer=optax.adam(config.train.learning_rate),
-      train_data=train_data, eval_data=lambda: eval_batches)
-  _, final = train.train(task, train.LoopOptions.from_config(config.train), workdir,
-                         seed=config.seed)
+    init=init,
+    loss=loss,
+    optimizer=optax.adam(config.train.learning_rate),
+    train_data=train_data,
+    eval_data=lambda: eval_batches,
+  )
+  _, final = train.train(
+    task, train.LoopOptions.from_config(config.train), workdir, seed=config.seed
+  )
   return final

@@ -44,12 +44,20 @@ from maskax.data import images, segmentation, user_files
 from maskax.models.fcn import FCN, FCNConfig
 
 PRESETS = {
-    "default": "FCN-8s, synthetic 64x64 shapes, batch 16, 400 steps (4 min for full on CPU)",
-    "smoke": "tiny FCN on 16x16 images, 4 steps, checkpoint every 2 (seconds; for tests)",
+  "default": "FCN-8s, synthetic 64x64 shapes, batch 16, 400 steps (4 min for full on CPU)",
+  "smoke": "tiny FCN on 16x16 images, 4 steps, checkpoint every 2 (seconds; for tests)",
 }
 MODES = ("full", "loss_sampling", "patchwise", "class_weighted", "class_sampled")
-REPORT_METRICS = ("eval/mean_iou", "eval/pixel_acc", "eval/mean_acc", "eval/fw_iou", "eval/xent",
-                  "train_batch", "images_per_s", "wall_s")
+REPORT_METRICS = (
+  "eval/mean_iou",
+  "eval/pixel_acc",
+  "eval/mean_acc",
+  "eval/fw_iou",
+  "eval/xent",
+  "train_batch",
+  "images_per_s",
+  "wall_s",
+)
 RESUME_SAFE_KEYS = ("viz",)
 IGNORE = segmentation.IGNORE_LABEL
 
@@ -127,17 +135,23 @@ def parse_mode(mode: str, keep_prob: float) -> tuple[str, float]:
   match = re.fullmatch(r"loss_sampling_p([0-9.]+)", mode)
   if match:
     if keep_prob != 1.0:
-      raise ValueError(f"train.mode={mode!r} sets the keep probability; leave loss.keep_prob at "
-                       f"1.0 (got {keep_prob}) or use train.mode=loss_sampling.")
+      raise ValueError(
+        f"train.mode={mode!r} sets the keep probability; leave loss.keep_prob at "
+        f"1.0 (got {keep_prob}) or use train.mode=loss_sampling."
+      )
     mode, keep_prob = "loss_sampling", float(match.group(1))
   if mode not in MODES:
-    raise ValueError(f"train.mode={mode!r}: use one of {', '.join(MODES)} "
-                     "(or loss_sampling_pP, e.g. loss_sampling_p0.5).")
+    raise ValueError(
+      f"train.mode={mode!r}: use one of {', '.join(MODES)} "
+      "(or loss_sampling_pP, e.g. loss_sampling_p0.5)."
+    )
   if not 0.0 < keep_prob <= 1.0:
     raise ValueError(f"keep probability must be in (0, 1], got {keep_prob}.")
   if mode != "loss_sampling" and keep_prob != 1.0:
-    raise ValueError(f"loss.keep_prob={keep_prob} only applies with train.mode=loss_sampling; "
-                     f"got train.mode={mode!r}.")
+    raise ValueError(
+      f"loss.keep_prob={keep_prob} only applies with train.mode=loss_sampling; "
+      f"got train.mode={mode!r}."
+    )
   return mode, keep_prob
 
 
@@ -149,16 +163,25 @@ def resolve(config, train_labels) -> tuple[LossSpec, int, int | None]:
   mode, p = parse_mode(config.train.mode, config.loss.keep_prob)
   num_classes = config.data.num_classes
   if config.loss.normalization not in losses.MODES:
-    raise ValueError(f"loss.normalization={config.loss.normalization!r}: use one of {losses.MODES}.")
+    raise ValueError(
+      f"loss.normalization={config.loss.normalization!r}: use one of {losses.MODES}."
+    )
   if config.loss.sample_cell < 1:
     raise ValueError(f"loss.sample_cell={config.loss.sample_cell} must be >= 1 (1 = per pixel).")
   if config.loss.class_weighting not in ("median", "inverse"):
-    raise ValueError(f"loss.class_weighting={config.loss.class_weighting!r}: use median or inverse.")
+    raise ValueError(
+      f"loss.class_weighting={config.loss.class_weighting!r}: use median or inverse."
+    )
   if not 0.0 < config.loss.background_keep_prob <= 1.0:
-    raise ValueError(f"loss.background_keep_prob={config.loss.background_keep_prob} must be in "
-                     "(0, 1].")
-  spec = LossSpec(mode=mode, normalization=config.loss.normalization, keep_prob=p,
-                  sample_cell=config.loss.sample_cell)
+    raise ValueError(
+      f"loss.background_keep_prob={config.loss.background_keep_prob} must be in (0, 1]."
+    )
+  spec = LossSpec(
+    mode=mode,
+    normalization=config.loss.normalization,
+    keep_prob=p,
+    sample_cell=config.loss.sample_cell,
+  )
   height, width = train_labels.shape[1:]
   batch, crop, factor = config.train.batch_size, None, 1.0
   if mode == "loss_sampling":
@@ -175,8 +198,9 @@ def resolve(config, train_labels) -> tuple[LossSpec, int, int | None]:
       has = np.stack([(train_labels == c).any(axis=(1, 2)) for c in range(num_classes)])
       per_image = (train_labels != IGNORE).sum(axis=(1, 2))
       present = (has * per_image[None]).sum(axis=1)
-    w = losses.class_weights_from_counts(counts, method=config.loss.class_weighting,
-                                         present_pixels=present)
+    w = losses.class_weights_from_counts(
+      counts, method=config.loss.class_weighting, present_pixels=present
+    )
     spec = dataclasses.replace(spec, class_weights=tuple(float(x) for x in np.asarray(w)))
   elif mode == "class_sampled":
     probs = (config.loss.background_keep_prob,) + (1.0,) * (num_classes - 1)
@@ -186,8 +210,10 @@ def resolve(config, train_labels) -> tuple[LossSpec, int, int | None]:
     n = jax.device_count()
     batch = int(math.ceil(batch * factor / n - 1e-9)) * n
   if batch > train_labels.shape[0]:
-    raise ValueError(f"the training batch ({batch}) exceeds the training set "
-                     f"({train_labels.shape[0]} images); raise data.train_size.")
+    raise ValueError(
+      f"the training batch ({batch}) exceeds the training set "
+      f"({train_labels.shape[0]} images); raise data.train_size."
+    )
   return spec, batch, crop
 
 
@@ -206,26 +232,42 @@ def pixel_loss(logits, labels, key, spec: LossSpec, *, train: bool):
     else:  # one draw per s x s block: closer to dropping a coarse output cell of the net
       b, h, w = labels.shape
       s = spec.sample_cell
-      cells = sampling.bernoulli_keep(key, jnp.ones((b, -(-h // s), -(-w // s)), bool),
-                                      spec.keep_prob)
+      cells = sampling.bernoulli_keep(
+        key, jnp.ones((b, -(-h // s), -(-w // s)), bool), spec.keep_prob
+      )
       keep = valid & jnp.repeat(jnp.repeat(cells, s, axis=1), s, axis=2)[:, :h, :w]
   elif train and spec.mode == "class_sampled":
     keep = sampling.class_rebalanced_keep(key, labels, valid, jnp.asarray(spec.class_keep_probs))
   if train and spec.mode == "class_weighted":
     weights = jnp.asarray(spec.class_weights, jnp.float32)
-  xent = losses.dense_xent(logits, labels, ignore_label=IGNORE, class_weights=weights,
-                           keep=keep, mode=spec.normalization if train else "token_mean")
+  xent = losses.dense_xent(
+    logits,
+    labels,
+    ignore_label=IGNORE,
+    class_weights=weights,
+    keep=keep,
+    mode=spec.normalization if train else "token_mean",
+  )
   counted = valid if keep is None else keep
-  aux = {"pixel_acc": losses.masked_accuracy(logits, labels, valid),
-         "kept_fraction": (jnp.sum(counted, dtype=jnp.float32), jnp.sum(valid, dtype=jnp.float32))}
+  aux = {
+    "pixel_acc": losses.masked_accuracy(logits, labels, valid),
+    "kept_fraction": (jnp.sum(counted, dtype=jnp.float32), jnp.sum(valid, dtype=jnp.float32)),
+  }
   return {"xent": xent}, aux
 
 
 def build_model(config) -> FCN:
   m = config.model
-  return FCN(FCNConfig(num_classes=config.data.num_classes, widths=tuple(m.widths), skips=m.skips,
-                       convs_per_stage=m.convs_per_stage, norm=m.norm,
-                       dropout_rate=m.dropout_rate))
+  return FCN(
+    FCNConfig(
+      num_classes=config.data.num_classes,
+      widths=tuple(m.widths),
+      skips=m.skips,
+      convs_per_stage=m.convs_per_stage,
+      norm=m.norm,
+      dropout_rate=m.dropout_rate,
+    )
+  )
 
 
 def make_loss(model: FCN, spec: LossSpec):
@@ -252,8 +294,7 @@ def make_eval_sums(model: FCN):
     valid = batch["valid"][:, None, None]
     labels = jnp.where(valid, batch["label"].astype(jnp.int32), IGNORE)
     logits = model.apply({"params": params}, batch["image"], train=False)
-    confusion = metrics.confusion_matrix(jnp.argmax(logits, -1), labels,
-                                         model.config.num_classes)
+    confusion = metrics.confusion_matrix(jnp.argmax(logits, -1), labels, model.config.num_classes)
     return {"confusion": confusion, "xent": losses.dense_xent(logits, labels, ignore_label=IGNORE)}
 
   return eval_sums
@@ -272,8 +313,10 @@ def load_data(config):
     order = np.random.default_rng(d.seed).permutation(len(labels))
     n_eval = max(1, int(round(d.eval_fraction * len(labels))))
     if n_eval >= len(labels):
-      raise ValueError(f"data.eval_fraction={d.eval_fraction} leaves no training images "
-                       f"in {d.path!r} ({len(labels)} images).")
+      raise ValueError(
+        f"data.eval_fraction={d.eval_fraction} leaves no training images "
+        f"in {d.path!r} ({len(labels)} images)."
+      )
     tr, ev = order[n_eval:], order[:n_eval]
     return images[tr], labels[tr], images[ev], labels[ev]
   kw = dict(height=d.height, width=d.width, num_classes=d.num_classes)
@@ -288,6 +331,7 @@ def write_prediction_grid(path, images, labels, preds, num_classes, title=""):
   images: f32[N, H, W, 3]; labels, preds: int[N, H, W].
   """
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from matplotlib.colors import ListedColormap
@@ -299,8 +343,9 @@ def write_prediction_grid(path, images, labels, preds, num_classes, title=""):
   fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
   for i in range(n):
     panels = (images[i], to_index(labels[i]), to_index(preds[i]))
-    for j, (ax, panel, name) in enumerate(zip(axes[i], panels, ("input", "ground truth",
-                                                                  "prediction"))):
+    for j, (ax, panel, name) in enumerate(
+      zip(axes[i], panels, ("input", "ground truth", "prediction"))
+    ):
       if j == 0:
         ax.imshow(np.clip(panel, 0, 1), interpolation="nearest")
       else:
@@ -322,8 +367,10 @@ def _speed(workdir, batch) -> dict[str, float]:
   records = progress.read_metrics(workdir)
   rates = [r["steps_per_s"] for r in records if isinstance(r.get("steps_per_s"), float)]
   times = [r["time"] for r in records]
-  return {"images_per_s": float(np.median(rates)) * batch if rates else float("nan"),
-          "wall_s": max(times) if times else float("nan")}
+  return {
+    "images_per_s": float(np.median(rates)) * batch if rates else float("nan"),
+    "wall_s": max(times) if times else float("nan"),
+  }
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -331,30 +378,43 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   spec, batch, crop = resolve(config, train_labels)
   model = build_model(config)
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_data = segmentation.SegmentationBatches(train_images, train_labels, batch_size=batch,
-                                                seed=config.seed, crop=crop, **proc)
-  eval_batches = evaluation.fixed_batches({"image": eval_images, "label": eval_labels},
-                                          config.data.eval_batch_size)
+  train_data = segmentation.SegmentationBatches(
+    train_images, train_labels, batch_size=batch, seed=config.seed, crop=crop, **proc
+  )
+  eval_batches = evaluation.fixed_batches(
+    {"image": eval_images, "label": eval_labels}, config.data.eval_batch_size
+  )
   shape = (1, crop or train_images.shape[1], crop or train_images.shape[2], 3)
 
   def init(key):
     return model.init(key, jnp.zeros(shape, jnp.float32), train=False)["params"], {}
 
-  task = train.Task(init=init, loss=make_loss(model, spec),
-                    optimizer=optax.adam(config.train.learning_rate), train_data=train_data,
-                    eval_data=lambda: eval_batches, eval_sums=make_eval_sums(model),
-                    eval_finish=eval_finish)
-  state, final = train.train(task, train.LoopOptions.from_config(config.train), workdir,
-                             seed=config.seed)
+  task = train.Task(
+    init=init,
+    loss=make_loss(model, spec),
+    optimizer=optax.adam(config.train.learning_rate),
+    train_data=train_data,
+    eval_data=lambda: eval_batches,
+    eval_sums=make_eval_sums(model),
+    eval_finish=eval_finish,
+  )
+  state, final = train.train(
+    task, train.LoopOptions.from_config(config.train), workdir, seed=config.seed
+  )
   final = {**final, "train_batch": float(batch), **_speed(workdir, batch)}
   k = min(config.viz.num_images, len(eval_labels))
   if k and jax.process_index() == 0:
     apply = jax.jit(lambda p, x: jnp.argmax(model.apply({"params": p}, x, train=False), -1))
     preds = np.asarray(apply(sharding.to_host(state.params), eval_images[:k]))
-    write_prediction_grid(os.path.join(workdir, "predictions.png"), eval_images[:k],
-                          eval_labels[:k], preds, config.data.num_classes,
-                          title=f"{config.train.mode}: held-out mean IoU "
-                                f"{final.get('eval/mean_iou', float('nan')):.3f}")
+    write_prediction_grid(
+      os.path.join(workdir, "predictions.png"),
+      eval_images[:k],
+      eval_labels[:k],
+      preds,
+      config.data.num_classes,
+      title=f"{config.train.mode}: held-out mean IoU "
+      f"{final.get('eval/mean_iou', float('nan')):.3f}",
+    )
   return final
 
 
@@ -380,9 +440,14 @@ def predict(config, workdir: str, lines: list[str], *, out_dir: str = "predictio
   for path, stem, image in zip(paths, stems, pixels):
     labels = np.asarray(segment(params, image[None]))[0]  # i32[H, W]
     base = os.path.join(out_dir, stem)
-    out.append({
-        "image": path, "labels": images.write_labels_png(f"{base}_labels.png", labels, colours),
-        "overlay": images.write_rgb_png(f"{base}_overlay.png",
-                                        images.overlay(image, labels, colours)),
-        "class_pixels": np.bincount(labels.ravel(), minlength=colours.shape[0]).tolist()})
+    out.append(
+      {
+        "image": path,
+        "labels": images.write_labels_png(f"{base}_labels.png", labels, colours),
+        "overlay": images.write_rgb_png(
+          f"{base}_overlay.png", images.overlay(image, labels, colours)
+        ),
+        "class_pixels": np.bincount(labels.ravel(), minlength=colours.shape[0]).tolist(),
+      }
+    )
   return out

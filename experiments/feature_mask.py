@@ -43,12 +43,15 @@ from maskax.data import iterators, synthetic, user_files
 from maskax.models import timeseries
 
 PRESETS = {
-    "default": "GRU(32), T=64 RGB streams, rates 0-60% mixed, batch 32, 1500 steps (~45 s)",
-    "smoke": "GRU(8), T=12, 4 steps, checkpoint every 2 (seconds; for tests)",
+  "default": "GRU(32), T=64 RGB streams, rates 0-60% mixed, batch 32, 1500 steps (~45 s)",
+  "smoke": "GRU(8), T=12, 4 steps, checkpoint every 2 (seconds; for tests)",
 }
 _RATES = (0.0, 0.2, 0.4, 0.6)
-REPORT_METRICS = tuple(f"eval/{name}_miss{round(100 * r)}" for name in
-                       ("mse", "full_mse", "last_value_mse") for r in _RATES)
+REPORT_METRICS = tuple(
+  f"eval/{name}_miss{round(100 * r)}"
+  for name in ("mse", "full_mse", "last_value_mse")
+  for r in _RATES
+)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -96,22 +99,26 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 def build_model(config) -> timeseries.FeatureMaskRNN:
   m = config.model
   if m.strategy not in timeseries.STRATEGIES:
-    raise ValueError(f"model.strategy={m.strategy!r}: use one of "
-                     f"{', '.join(timeseries.STRATEGIES)}.")
-  return timeseries.FeatureMaskRNN(cell=m.cell, hidden=m.hidden, strategy=m.strategy,
-                                   freeze_missing_steps=m.freeze_missing_steps)
+    raise ValueError(
+      f"model.strategy={m.strategy!r}: use one of {', '.join(timeseries.STRATEGIES)}."
+    )
+  return timeseries.FeatureMaskRNN(
+    cell=m.cell, hidden=m.hidden, strategy=m.strategy, freeze_missing_steps=m.freeze_missing_steps
+  )
 
 
 def _streams(config, rng, n):
   d = config.data
-  return synthetic.rgb_streams(rng, n, d.steps, noise=d.noise, cut_rate=d.cut_rate,
-                               wobble=d.wobble, periods=tuple(d.periods))
+  return synthetic.rgb_streams(
+    rng, n, d.steps, noise=d.noise, cut_rate=d.cut_rate, wobble=d.wobble, periods=tuple(d.periods)
+  )
 
 
 def _mask(config, rng, n, rate):
   d = config.data
-  return synthetic.missing_mask(rng, n, d.steps, rate=rate, step_share=d.step_share,
-                                bursty=d.bursty, burst_steps=d.burst_steps)
+  return synthetic.missing_mask(
+    rng, n, d.steps, rate=rate, step_share=d.step_share, bursty=d.bursty, burst_steps=d.burst_steps
+  )
 
 
 def make_batch_fn(config):
@@ -175,8 +182,11 @@ def make_eval_sums(model, fill_value):
 
     pred = model.apply({"params": params}, x, mask, fill_value=fill_value)
     last = timeseries.last_value_forecast(x, mask, fill_value=fill_value)
-    return {"mse": mse(pred, x, mask), "full_mse": mse(pred, batch["truth"], jnp.ones_like(mask)),
-            "last_value_mse": mse(last, x, mask)}
+    return {
+      "mse": mse(pred, x, mask),
+      "full_mse": mse(pred, batch["truth"], jnp.ones_like(mask)),
+      "last_value_mse": mse(last, x, mask),
+    }
 
   return eval_sums
 
@@ -185,19 +195,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = build_model(config)
   fill_value = jnp.asarray(fill_mean(config))
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_data = iterators.SyntheticBatches(make_batch_fn(config), config.train.batch_size,
-                                          config.seed, **proc)
+  train_data = iterators.SyntheticBatches(
+    make_batch_fn(config), config.train.batch_size, config.seed, **proc
+  )
 
   def init(key):
     x = jnp.zeros((1, config.data.steps, 3), jnp.float32)
     return model.init(key, x, jnp.ones(x.shape, jnp.bool_), fill_value=fill_value)["params"], {}
 
   sets = eval_data(config)
-  task = train.Task(init=init, loss=make_loss(model, fill_value),
-                    optimizer=optax.adam(config.train.learning_rate), train_data=train_data,
-                    eval_data=lambda: sets, eval_sums=make_eval_sums(model, fill_value))
-  _, final = train.train(task, train.LoopOptions.from_config(config.train), workdir,
-                         seed=config.seed)
+  task = train.Task(
+    init=init,
+    loss=make_loss(model, fill_value),
+    optimizer=optax.adam(config.train.learning_rate),
+    train_data=train_data,
+    eval_data=lambda: sets,
+    eval_sums=make_eval_sums(model, fill_value),
+  )
+  _, final = train.train(
+    task, train.LoopOptions.from_config(config.train), workdir, seed=config.seed
+  )
   return final
 
 
@@ -217,8 +234,7 @@ def predict(config, workdir: str, lines: list[str], *, out_dir: str = "predictio
   paths = user_files.expand_paths(lines, user_files.SEQUENCE_EXTENSIONS, what="sequence")
   stems = user_files.output_stems(paths)
   files = [user_files.read_masked(p, features=3) for p in paths]  # the model's RGB channels
-  forecast = jax.jit(lambda p, x, mask: model.apply({"params": p}, x, mask,
-                                                    fill_value=fill_value))
+  forecast = jax.jit(lambda p, x, mask: model.apply({"params": p}, x, mask, fill_value=fill_value))
   os.makedirs(out_dir, exist_ok=True)
   out = []
   for path, stem, f in zip(paths, stems, files):
@@ -228,7 +244,14 @@ def predict(config, workdir: str, lines: list[str], *, out_dir: str = "predictio
     observed = mask[:, 1:]  # row t forecasts t + 1: score the next values that exist
     sq = np.where(observed, (pred[:, :-1] - np.where(mask, x, 0.0)[:, 1:]) ** 2, 0.0)
     output = user_files.write_npz(os.path.join(out_dir, f"{stem}_pred.npz"), forecast=pred)
-    out.append({"input": path, "output": output, "rows": x.shape[0], "steps": x.shape[1],
-                "observed_fraction": float(mask.mean()),
-                "next_step_mse": float(sq.sum() / observed.sum()) if observed.any() else None})
+    out.append(
+      {
+        "input": path,
+        "output": output,
+        "rows": x.shape[0],
+        "steps": x.shape[1],
+        "observed_fraction": float(mask.mean()),
+        "next_step_mse": float(sq.sum() / observed.sum()) if observed.any() else None,
+      }
+    )
   return out

@@ -46,23 +46,30 @@ from maskax.models.padded_gru import Masking, PaddedGRUClassifier, apply
 from maskax.scan import bucket_boundaries, bucket_for
 
 PRESETS = {
-    "default": "conv(2)-BN-ReLU-GRU(32), lengths 5-200, batch 32, 500 steps (~1.5 min on CPU)",
-    "smoke": "tiny model, lengths 5-24, 4 steps, checkpoint every 2 (seconds; for tests)",
+  "default": "conv(2)-BN-ReLU-GRU(32), lengths 5-200, batch 32, 500 steps (~1.5 min on CPU)",
+  "smoke": "tiny model, lengths 5-24, 4 steps, checkpoint every 2 (seconds; for tests)",
 }
-REPORT_METRICS = ("eval/acc_pad1x", "eval/acc_pad2x", "eval/acc_pad4x", "eval/drift_pad2x",
-                  "eval/drift_pad4x", "eval/train_drift_pad4x", "eval/acc_keras_mask",
-                  "eval/keras_drift")
+REPORT_METRICS = (
+  "eval/acc_pad1x",
+  "eval/acc_pad2x",
+  "eval/acc_pad4x",
+  "eval/drift_pad2x",
+  "eval/drift_pad4x",
+  "eval/train_drift_pad4x",
+  "eval/acc_keras_mask",
+  "eval/keras_drift",
+)
 CLASSES = 4
 
 
 VARIANTS = {
-    "unmasked": Masking(state=False, loss=False, batch_norm=False, conv=False),
-    "masked_state_only": Masking(state=True, loss=False, batch_norm=True, conv=True),
-    "masked_loss_only": Masking(state=False, loss=True, batch_norm=True, conv=True),
-    "fully_masked": Masking(state=True, loss=True, batch_norm=True, conv=True),
-    "plain_bn": Masking(state=True, loss=True, batch_norm=False, conv=True),
-    "plain_conv": Masking(state=True, loss=True, batch_norm=True, conv=False),
-    "plain_layers": Masking(state=True, loss=True, batch_norm=False, conv=False),
+  "unmasked": Masking(state=False, loss=False, batch_norm=False, conv=False),
+  "masked_state_only": Masking(state=True, loss=False, batch_norm=True, conv=True),
+  "masked_loss_only": Masking(state=False, loss=True, batch_norm=True, conv=True),
+  "fully_masked": Masking(state=True, loss=True, batch_norm=True, conv=True),
+  "plain_bn": Masking(state=True, loss=True, batch_norm=False, conv=True),
+  "plain_conv": Masking(state=True, loss=True, batch_norm=True, conv=False),
+  "plain_layers": Masking(state=True, loss=True, batch_norm=False, conv=False),
 }
 
 
@@ -114,13 +121,20 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
 def build_model(config) -> PaddedGRUClassifier:
   if config.ablation.variant not in VARIANTS:
-    raise ValueError(f"ablation.variant={config.ablation.variant!r}: use one of "
-                     f"{', '.join(VARIANTS)}.")
+    raise ValueError(
+      f"ablation.variant={config.ablation.variant!r}: use one of {', '.join(VARIANTS)}."
+    )
   m = config.model
-  return PaddedGRUClassifier(VARIANTS[config.ablation.variant], classes=CLASSES,
-                             hidden=m.hidden, conv_layers=m.conv_layers,
-                             conv_features=m.conv_features, conv_kernel=m.conv_kernel,
-                             bn_momentum=m.bn_momentum, output_policy=m.output_policy)
+  return PaddedGRUClassifier(
+    VARIANTS[config.ablation.variant],
+    classes=CLASSES,
+    hidden=m.hidden,
+    conv_layers=m.conv_layers,
+    conv_features=m.conv_features,
+    conv_kernel=m.conv_kernel,
+    bn_momentum=m.bn_momentum,
+    output_policy=m.output_policy,
+  )
 
 
 def make_loss(model):
@@ -130,8 +144,7 @@ def make_loss(model):
     del key
     x, labels, lengths = batch["x"], batch["labels"], batch["lengths"]
     valid = masks.sequence_mask(lengths, x.shape[1])  # bool[B, T]
-    step_logits, final_logits, new_state = apply(model, params, model_state, x, valid,
-                                                  train=train)
+    step_logits, final_logits, new_state = apply(model, params, model_state, x, valid, train=train)
     counted = valid if model.masking.loss else jnp.ones_like(valid)
     final_labels = jnp.take_along_axis(labels, (lengths - 1)[:, None], axis=1)[:, 0]
     everyone = jnp.ones(final_labels.shape, jnp.bool_)
@@ -162,26 +175,35 @@ def make_data(config):
   """
   d = config.data
   boundaries = bucket_boundaries(d.max_length, d.num_buckets, multiple_of=8)
-  kw = dict(max_length=d.max_length, min_length=d.min_length, features=d.features,
-            drift=d.drift, blackout_prob=d.blackout_prob, blackout_max=d.blackout_max,
-            trailing_share=d.trailing_share)
+  kw = dict(
+    max_length=d.max_length,
+    min_length=d.min_length,
+    features=d.features,
+    drift=d.drift,
+    blackout_prob=d.blackout_prob,
+    blackout_max=d.blackout_max,
+    trailing_share=d.trailing_share,
+  )
 
   def make_batch(rng, n):
     seqs = synthetic.drift_recall_sequences(rng, n, **kw)
     return pad_batch(seqs, bucket_for(int(seqs["lengths"].max()), boundaries))
 
   held_out = synthetic.drift_recall_sequences(
-      np.random.default_rng([d.seed + 1, 0]), d.eval_size, **kw)
+    np.random.default_rng([d.seed + 1, 0]), d.eval_size, **kw
+  )
   x, lengths = held_out["x"], held_out["lengths"]
   order = np.argsort(lengths, kind="stable")
   rows = {k: held_out[k][order] for k in ("x", "labels", "lengths")}
   batches = evaluation.fixed_batches(rows, d.eval_batch_size)
   for i, batch in enumerate(batches):
-    members = rows["lengths"][i * d.eval_batch_size:(i + 1) * d.eval_batch_size]
+    members = rows["lengths"][i * d.eval_batch_size : (i + 1) * d.eval_batch_size]
     batch.update(pad_batch(batch, bucket_for(int(members.max()), boundaries)))
   valid = np.arange(x.shape[1])[None] < lengths[:, None]
-  facts = {"keras_mask_rows": float(np.any(np.all(x == 0, axis=-1) & valid, axis=-1).mean()),
-           "bayes_acc": float(np.mean((x[:, :, 0].sum(1) > 0) == (held_out["sign"] > 0)))}
+  facts = {
+    "keras_mask_rows": float(np.any(np.all(x == 0, axis=-1) & valid, axis=-1).mean()),
+    "bayes_acc": float(np.mean((x[:, :, 0].sum(1) > 0) == (held_out["sign"] > 0))),
+  }
   return make_batch, batches, facts, boundaries
 
 
@@ -190,8 +212,11 @@ def make_eval_sums(model, pad_factors):
   the largest change of a predicted class probability against the first factor (also with
   batch statistics, `train_drift`), and accuracy and drift with the Keras value mask."""
   first, last = pad_factors[0], pad_factors[-1]
-  runs = [(f, False, None) for f in pad_factors] + [(first, True, None), (last, True, None),
-                                                      (1, False, "keras")]
+  runs = [(f, False, None) for f in pad_factors] + [
+    (first, True, None),
+    (last, True, None),
+    (1, False, "keras"),
+  ]
 
   def eval_sums(params, model_state, batch, key):
     del key
@@ -209,8 +234,10 @@ def make_eval_sums(model, pad_factors):
     p = dict(zip(runs, probs))
     p1 = p[(first, False, None)]
     # Filler rows of a last batch (valid False) repeat a real row: they leave a Max unchanged.
-    acc = lambda q: (jnp.sum((q.argmax(-1) == final) & valid, dtype=jnp.float32),
-                     jnp.sum(valid, dtype=jnp.float32))
+    acc = lambda q: (
+      jnp.sum((q.argmax(-1) == final) & valid, dtype=jnp.float32),
+      jnp.sum(valid, dtype=jnp.float32),
+    )
     drift = lambda q, r: evaluation.Max(jnp.max(jnp.abs(q - r)))
     sums = {f"acc_pad{f}x": acc(p[(f, False, None)]) for f in pad_factors}
     sums.update({f"drift_pad{f}x": drift(p[(f, False, None)], p1) for f in pad_factors[1:]})
@@ -226,21 +253,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = build_model(config)
   make_batch, eval_batches, facts, boundaries = make_data(config)
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_data = iterators.SyntheticBatches(make_batch, config.train.batch_size, config.seed,
-                                          **proc)
+  train_data = iterators.SyntheticBatches(make_batch, config.train.batch_size, config.seed, **proc)
 
   def init(key):
     x = jnp.zeros((2, boundaries[0], config.data.features), jnp.float32)
     variables = model.init(key, x, jnp.ones(x.shape[:2], jnp.bool_), train=False)
     return variables["params"], {"batch_stats": variables["batch_stats"]}
 
-  task = train.Task(init=init, loss=make_loss(model),
-                    optimizer=optax.adam(config.train.learning_rate), train_data=train_data,
-                    eval_data=lambda: eval_batches,
-                    eval_sums=make_eval_sums(model, tuple(config.data.pad_factors)),
-                    eval_finish=lambda sums: facts)
-  _, final = train.train(task, train.LoopOptions.from_config(config.train), workdir,
-                         seed=config.seed)
+  task = train.Task(
+    init=init,
+    loss=make_loss(model),
+    optimizer=optax.adam(config.train.learning_rate),
+    train_data=train_data,
+    eval_data=lambda: eval_batches,
+    eval_sums=make_eval_sums(model, tuple(config.data.pad_factors)),
+    eval_finish=lambda sums: facts,
+  )
+  _, final = train.train(
+    task, train.LoopOptions.from_config(config.train), workdir, seed=config.seed
+  )
   return final
 
 
@@ -268,9 +299,16 @@ def predict(config, workdir: str, lines: list[str], *, out_dir: str = "predictio
   for path, stem, seqs in zip(paths, stems, files):
     probs = np.asarray(classify(trained.params, trained.model_state, seqs["x"], seqs["lengths"]))
     classes = probs.argmax(-1).astype(np.int32)
-    output = user_files.write_npz(os.path.join(out_dir, f"{stem}_pred.npz"), probs=probs,
-                                  classes=classes)
-    out.append({"input": path, "output": output, "rows": len(classes),
-                "steps": seqs["x"].shape[1],
-                "class_counts": np.bincount(classes, minlength=CLASSES).tolist()})
+    output = user_files.write_npz(
+      os.path.join(out_dir, f"{stem}_pred.npz"), probs=probs, classes=classes
+    )
+    out.append(
+      {
+        "input": path,
+        "output": output,
+        "rows": len(classes),
+        "steps": seqs["x"].shape[1],
+        "class_counts": np.bincount(classes, minlength=CLASSES).tolist(),
+      }
+    )
   return out

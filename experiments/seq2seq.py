@@ -39,15 +39,26 @@ from maskax.data import iterators, translation
 from maskax.models import seq2seq
 
 PRESETS = {
-    "default": "GRU 128 + Luong attention, numbers up to 9 digits, 1,500 steps (~65 s, 2-core CPU)",
-    "cells": "as default, 400 steps, greedy only: for the cell-size and embedding-size sweeps",
-    "vocab40k": "vocabularies padded to 40,000 words, 300 steps: full vs sampled softmax",
-    "long": "numbers up to 12 digits (sources up to 22 tokens), 1,000 steps: attention sweep",
-    "smoke": "tiny model on 4-digit numbers, 4 steps, checkpoint every 2 (seconds; tests)",
+  "default": "GRU 128 + Luong attention, numbers up to 9 digits, 1,500 steps (~65 s, 2-core CPU)",
+  "cells": "as default, 400 steps, greedy only: for the cell-size and embedding-size sweeps",
+  "vocab40k": "vocabularies padded to 40,000 words, 300 steps: full vs sampled softmax",
+  "long": "numbers up to 12 digits (sources up to 22 tokens), 1,000 steps: attention sweep",
+  "smoke": "tiny model on 4-digit numbers, 4 steps, checkpoint every 2 (seconds; tests)",
 }
-REPORT_METRICS = ("params", "step_ms", "tokens_per_s", "train_temp_mb", "loss", "eval/xent",
-                  "eval/token_accuracy", "eval/exact_match", "eval/exact_len_short",
-                  "eval/exact_len_long", "eval/bleu", "eval/exact_match_beam")
+REPORT_METRICS = (
+  "params",
+  "step_ms",
+  "tokens_per_s",
+  "train_temp_mb",
+  "loss",
+  "eval/xent",
+  "eval/token_accuracy",
+  "eval/exact_match",
+  "eval/exact_len_short",
+  "eval/exact_len_long",
+  "eval/bleu",
+  "eval/exact_match_beam",
+)
 RESUME_SAFE_KEYS = ("decode",)
 # Keys --predict takes from the command line instead of the trained run (launch.trained_config).
 PREDICT_KEYS = ("decode.beam_width", "decode.length_penalty")
@@ -150,10 +161,11 @@ def load_pairs(config):
     return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
   styles = tuple(s.strip() for s in d.styles.split(","))
   train_pairs, numbers = translation.generate_numbers(
-      d.num_train, seed=d.seed, max_digits=d.max_digits, styles=styles)
+    d.num_train, seed=d.seed, max_digits=d.max_digits, styles=styles
+  )
   eval_pairs, _ = translation.generate_numbers(
-      d.num_eval, seed=d.seed + 1, max_digits=d.max_digits, styles=styles,
-      exclude=frozenset(numbers))
+    d.num_eval, seed=d.seed + 1, max_digits=d.max_digits, styles=styles, exclude=frozenset(numbers)
+  )
   return train_pairs, eval_pairs
 
 
@@ -165,28 +177,45 @@ def build_data(config):
   lengths = dict(max_source_len=d.max_source_len, max_target_len=d.max_target_len)
   train_arrays, dropped = translation.encode_pairs(train_pairs, src_vocab, tgt_vocab, **lengths)
   eval_arrays, eval_dropped = translation.encode_pairs(eval_pairs, src_vocab, tgt_vocab, **lengths)
-  logging.info("vocabularies: source %d ids (%d real), target %d ids (%d real); pairs: %d train, "
-               "%d held out; dropped as too long: %d train, %d held out", len(src_vocab),
-               src_vocab.num_real, len(tgt_vocab), tgt_vocab.num_real,
-               len(train_arrays["source"]), len(eval_arrays["source"]), dropped, eval_dropped)
+  logging.info(
+    "vocabularies: source %d ids (%d real), target %d ids (%d real); pairs: %d train, "
+    "%d held out; dropped as too long: %d train, %d held out",
+    len(src_vocab),
+    src_vocab.num_real,
+    len(tgt_vocab),
+    tgt_vocab.num_real,
+    len(train_arrays["source"]),
+    len(eval_arrays["source"]),
+    dropped,
+    eval_dropped,
+  )
   if not len(eval_arrays["source"]):
     raise ValueError("no held-out pair fits data.max_source_len / data.max_target_len")
   boundaries = scan.bucket_boundaries(d.max_source_len, d.num_buckets)
   eval_batches = translation.bucket_batches(eval_arrays, config.train.batch_size, boundaries)
   shapes = sorted({b["source"].shape for b in eval_batches})
-  logging.info("held-out source buckets %s: %d compiled shapes each for eval_step and decoding "
-               "(training: one shape [%d, %d])", boundaries, len(shapes),
-               config.train.batch_size, d.max_source_len)
+  logging.info(
+    "held-out source buckets %s: %d compiled shapes each for eval_step and decoding "
+    "(training: one shape [%d, %d])",
+    boundaries,
+    len(shapes),
+    config.train.batch_size,
+    d.max_source_len,
+  )
   return src_vocab, tgt_vocab, train_arrays, eval_batches, len(shapes)
 
 
 def vocabularies(config, train_pairs) -> tuple[translation.Vocabulary, translation.Vocabulary]:
   """(source, target) vocabularies of the training pairs."""
   d = config.data
-  return (translation.build_vocabulary([s for s, _ in train_pairs], size=d.vocab_size,
-                                       lexicon_seed=d.seed),
-          translation.build_vocabulary([t for _, t in train_pairs], size=d.vocab_size,
-                                       lexicon_seed=d.seed + 1))
+  return (
+    translation.build_vocabulary(
+      [s for s, _ in train_pairs], size=d.vocab_size, lexicon_seed=d.seed
+    ),
+    translation.build_vocabulary(
+      [t for _, t in train_pairs], size=d.vocab_size, lexicon_seed=d.seed + 1
+    ),
+  )
 
 
 def saved_vocabularies(config, workdir: str):
@@ -195,27 +224,43 @@ def saved_vocabularies(config, workdir: str):
   path = os.path.join(workdir, VOCAB_FILE)
   if os.path.exists(path):
     return translation.load_vocabularies(path)
-  logging.warning("%s is missing (a run from before vocabularies were saved): rebuilding them "
-                  "from the data", path)
+  logging.warning(
+    "%s is missing (a run from before vocabularies were saved): rebuilding them from the data", path
+  )
   return vocabularies(config, load_pairs(config)[0])
 
 
 def model_config(config, src_vocab, tgt_vocab) -> seq2seq.Seq2SeqConfig:
   m = config.model
   return seq2seq.Seq2SeqConfig(
-      source_vocab=len(src_vocab), target_vocab=len(tgt_vocab), embed=m.embed, hidden=m.hidden,
-      layers=m.layers, cell=m.cell, bidirectional=m.bidirectional, attention=m.attention)
+    source_vocab=len(src_vocab),
+    target_vocab=len(tgt_vocab),
+    embed=m.embed,
+    hidden=m.hidden,
+    layers=m.layers,
+    cell=m.cell,
+    bidirectional=m.bidirectional,
+    attention=m.attention,
+  )
 
 
 def make_loss(mc, config):
   if config.loss.softmax == "sampled" and config.loss.num_sampled >= mc.target_vocab:
-    raise ValueError(f"loss.num_sampled={config.loss.num_sampled} must be below the target "
-                     f"vocabulary ({mc.target_vocab}); raise data.vocab_size or use full softmax")
+    raise ValueError(
+      f"loss.num_sampled={config.loss.num_sampled} must be below the target "
+      f"vocabulary ({mc.target_vocab}); raise data.vocab_size or use full softmax"
+    )
 
   def loss(params, model_state, batch, key, *, train):
     out = seq2seq.sequence_loss(
-        params, mc, batch, softmax=config.loss.softmax if train else "full",
-        mode=config.loss.mode, key=key, num_sampled=config.loss.num_sampled)
+      params,
+      mc,
+      batch,
+      softmax=config.loss.softmax if train else "full",
+      mode=config.loss.mode,
+      key=key,
+      num_sampled=config.loss.num_sampled,
+    )
     return {"xent": out["xent"]}, {k: v for k, v in out.items() if k != "xent"}, model_state
 
   return loss
@@ -225,9 +270,15 @@ def make_extra_eval(mc, config, tgt_vocab, src_vocab, eval_batches):
   """Greedy (and beam) decoding of every held-out batch: exact match, BLEU, by source length."""
   max_len = config.data.max_target_len + 1
   greedy = jax.jit(functools.partial(seq2seq.translate, config=mc, max_len=max_len))
-  beam = jax.jit(functools.partial(
-      seq2seq.translate, config=mc, max_len=max_len, beam_width=config.decode.beam_width,
-      length_penalty=config.decode.length_penalty))
+  beam = jax.jit(
+    functools.partial(
+      seq2seq.translate,
+      config=mc,
+      max_len=max_len,
+      beam_width=config.decode.beam_width,
+      length_penalty=config.decode.length_penalty,
+    )
+  )
 
   def score(decode, params):
     hyps, refs, long = [], [], []
@@ -239,14 +290,18 @@ def make_extra_eval(mc, config, tgt_vocab, src_vocab, eval_batches):
         long.append(b["source_len"][row] > config.data.long_threshold)
     exact, long = np.array(decoding.exact_match(hyps, refs)), np.array(long)
     mean = lambda x: float(x.mean()) if x.size else float("nan")
-    return {"exact_match": mean(exact), "exact_len_short": mean(exact[~long]),
-            "exact_len_long": mean(exact[long]), "bleu": decoding.corpus_bleu(hyps, refs)}, hyps
+    return {
+      "exact_match": mean(exact),
+      "exact_len_short": mean(exact[~long]),
+      "exact_len_long": mean(exact[long]),
+      "bleu": decoding.corpus_bleu(hyps, refs),
+    }, hyps
 
   def extra_eval(state):
     out, hyps = score(greedy, state.params)
     b = eval_batches[0]
     for row in range(min(config.decode.log_examples, len(b["source"]))):
-      source = src_vocab.decode(b["source"][row][:b["source_len"][row]])
+      source = src_vocab.decode(b["source"][row][: b["source_len"][row]])
       logging.info("translate %r -> %r", " ".join(source), " ".join(hyps[row]))
     if config.decode.beam_width > 1:
       beamed, _ = score(beam, state.params)
@@ -258,8 +313,9 @@ def make_extra_eval(mc, config, tgt_vocab, src_vocab, eval_batches):
 
 def train_memory_mb(loss_fn, params, batch) -> float:
   """Temporary memory (MB) XLA allocates for one gradient of the training loss on `batch`."""
+
   def objective(p):
-    (total, weight), = loss_fn(p, {}, batch, jax.random.key(0), train=True)[0].values()
+    ((total, weight),) = loss_fn(p, {}, batch, jax.random.key(0), train=True)[0].values()
     return total / weight
 
   compiled = jax.jit(jax.grad(objective)).lower(params).compile()
@@ -273,27 +329,41 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     translation.save_vocabularies(os.path.join(workdir, VOCAB_FILE), src_vocab, tgt_vocab)
   mc = model_config(config, src_vocab, tgt_vocab)
   train_data = iterators.ArrayBatches(
-      train_arrays, config.train.batch_size, config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count())
+    train_arrays,
+    config.train.batch_size,
+    config.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
   loss = make_loss(mc, config)
-  optimizer = optax.chain(optax.clip_by_global_norm(config.train.grad_clip),
-                          optax.adam(config.train.learning_rate))
+  optimizer = optax.chain(
+    optax.clip_by_global_norm(config.train.grad_clip), optax.adam(config.train.learning_rate)
+  )
   task = train.Task(
-      init=lambda key: (seq2seq.init_params(key, mc), {}), loss=loss, optimizer=optimizer,
-      train_data=train_data, eval_data=lambda: eval_batches,
-      extra_eval=make_extra_eval(mc, config, tgt_vocab, src_vocab, eval_batches))
-  state, final = train.train(task, train.LoopOptions.from_config(config.train), workdir,
-                             seed=config.seed)
+    init=lambda key: (seq2seq.init_params(key, mc), {}),
+    loss=loss,
+    optimizer=optimizer,
+    train_data=train_data,
+    eval_data=lambda: eval_batches,
+    extra_eval=make_extra_eval(mc, config, tgt_vocab, src_vocab, eval_batches),
+  )
+  state, final = train.train(
+    task, train.LoopOptions.from_config(config.train), workdir, seed=config.seed
+  )
   real_tokens = float(np.mean(train_arrays["source_len"] + train_arrays["target_len"]))
   rate = final.get("steps_per_s", float("nan"))
-  final.update({
+  final.update(
+    {
       "params": float(seq2seq.param_count(state.params)),
       "step_ms": 1000.0 / rate if rate else float("nan"),
       "tokens_per_s": rate * config.train.batch_size * real_tokens,
       "eval_shapes": float(num_shapes),
-      "source_vocab": float(len(src_vocab)), "target_vocab": float(len(tgt_vocab))})
+      "source_vocab": float(len(src_vocab)),
+      "target_vocab": float(len(tgt_vocab)),
+    }
+  )
   if config.report.train_memory:
-    batch = {k: v[:config.train.batch_size] for k, v in train_arrays.items()}
+    batch = {k: v[: config.train.batch_size] for k, v in train_arrays.items()}
     final["train_temp_mb"] = train_memory_mb(loss, state.params, batch)
   return final
 
@@ -307,10 +377,17 @@ def predict(config, workdir: str, lines: list[str]) -> list[dict]:
   source, source_len = translation.encode_sources([line.split() for line in lines], src_vocab)
   if config.decode.beam_width < 1:
     raise ValueError(f"decode.beam_width={config.decode.beam_width}: use 1 (greedy) or more.")
-  decode = jax.jit(functools.partial(
-      seq2seq.translate, config=model_config(config, src_vocab, tgt_vocab),
-      max_len=config.data.max_target_len + 1, beam_width=config.decode.beam_width,
-      length_penalty=config.decode.length_penalty))
+  decode = jax.jit(
+    functools.partial(
+      seq2seq.translate,
+      config=model_config(config, src_vocab, tgt_vocab),
+      max_len=config.data.max_target_len + 1,
+      beam_width=config.decode.beam_width,
+      length_penalty=config.decode.length_penalty,
+    )
+  )
   tokens = np.asarray(decode(params, source=source, source_len=source_len).tokens)
-  return [{"source": line, "prediction": " ".join(tgt_vocab.decode(row))}
-          for line, row in zip(lines, tokens)]
+  return [
+    {"source": line, "prediction": " ".join(tgt_vocab.decode(row))}
+    for line, row in zip(lines, tokens)
+  ]

@@ -15,12 +15,20 @@ from conftest import ROOT, _env
 
 
 def _table(script, *args):
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--quick",
-                         *args], cwd=ROOT, env=_env(1, None), capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "benchmarks", script), "--quick", *args],
+    cwd=ROOT,
+    env=_env(1, None),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  rows = [line.strip("|").split("|") for line in proc.stdout.splitlines()
-          if line.startswith("|") and not line.startswith("|---")]
+  rows = [
+    line.strip("|").split("|")
+    for line in proc.stdout.splitlines()
+    if line.startswith("|") and not line.startswith("|---")
+  ]
   header, body = [c.strip() for c in rows[0]], [[c.strip() for c in r] for r in rows[1:]]
   assert body, proc.stdout
   return header, body
@@ -31,12 +39,15 @@ def _number(cell):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script, column, rows", [
+@pytest.mark.parametrize(
+  "script, column, rows",
+  [
     ("scan_bench.py", "valid tok/s (median)", 12),  # 2 cells x 2 sizes x 3 implementations
     ("mlm_head_bench.py", "speed-up", 1),
     ("bert_step_bench.py", "tokens/s", 3),  # bf16/f32 gathered, bf16 full
     ("bert_data_bench.py", "peak RSS MB", 7),  # --quick: one corpus, prepare/load/in-memory rows
-])
+  ],
+)
 def test_benchmark_prints_a_measured_table(script, column, rows):
   header, body = _table(script)
   assert len(body) == rows

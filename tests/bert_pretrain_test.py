@@ -19,11 +19,18 @@ def setup(tmp_path_factory):
   config = bert_pretrain.get_config("smoke")
   workdir = str(tmp_path_factory.mktemp("bert"))
   tok, train_data, eval_batches = bert_pretrain.build_data(config, workdir)
-  model = bert.Bert(bert.BertConfig.preset("smoke", tok.vocab_size, dropout=0.0,
-                                           attention_dropout=0.0))
+  model = bert.Bert(
+    bert.BertConfig.preset("smoke", tok.vocab_size, dropout=0.0, attention_dropout=0.0)
+  )
   batch = {k: jnp.asarray(v) for k, v in next(train_data).items()}
-  params = model.init(jax.random.PRNGKey(0), batch["input_ids"], batch["segment_ids"],
-                      batch["input_mask"], batch["masked_lm_positions"], train=False)["params"]
+  params = model.init(
+    jax.random.PRNGKey(0),
+    batch["input_ids"],
+    batch["segment_ids"],
+    batch["input_mask"],
+    batch["masked_lm_positions"],
+    train=False,
+  )["params"]
   return config, tok, model, params, batch
 
 
@@ -32,8 +39,9 @@ def _loss(setup, reduction, batch=None):
   with config.unlocked():
     config.loss.mlm_reduction = reduction
   loss_fn = bert_pretrain.make_loss(model, config, tok.mask_id)
-  return loss_fn(params, {}, default_batch if batch is None else batch,
-                 jax.random.PRNGKey(1), train=False)
+  return loss_fn(
+    params, {}, default_batch if batch is None else batch, jax.random.PRNGKey(1), train=False
+  )
 
 
 def test_reductions_share_the_numerator_or_not_as_named(setup):
@@ -78,8 +86,9 @@ def test_slot_accuracies_separate_copying_from_prediction(setup):
   copy_logits = jax.nn.one_hot(shown, tok.vocab_size)
   acc = losses.mlm_slot_accuracies(copy_logits, batch, tok.mask_id)
   real = batch["masked_lm_weights"] > 0
-  np.testing.assert_allclose(acc["mlm_accuracy_mask_slots"][1],
-                             np.sum(real & (shown == tok.mask_id)))
+  np.testing.assert_allclose(
+    acc["mlm_accuracy_mask_slots"][1], np.sum(real & (shown == tok.mask_id))
+  )
   assert acc["mlm_accuracy_mask_slots"][1] > 0 and acc["mlm_accuracy_kept_slots"][1] > 0
   assert acc["mlm_accuracy_mask_slots"][0] == 0 and acc["mlm_accuracy_random_slots"][0] == 0
   assert acc["mlm_accuracy_kept_slots"][0] == acc["mlm_accuracy_kept_slots"][1]
@@ -91,8 +100,9 @@ def test_runs_on_the_same_data_share_one_tokenizer(setup, tmp_path):
   # first one's vocabulary through the shared cache, or a sweep would compare different vocabs.
   config, tok, _, _, _ = setup
   other, _, _ = bert_pretrain.build_data(config, str(tmp_path))
-  assert [other.id_to_token(i) for i in range(other.vocab_size)] == \
-      [tok.id_to_token(i) for i in range(tok.vocab_size)]
+  assert [other.id_to_token(i) for i in range(other.vocab_size)] == [
+    tok.id_to_token(i) for i in range(tok.vocab_size)
+  ]
 
 
 def test_unknown_reduction_is_a_clear_error(setup):
@@ -124,17 +134,26 @@ def test_smoke_trains_checkpoints_and_resumes(tmp_path):
   before = {p: os.path.getmtime(tmp_path / p) for p in ("config.json", "metrics.jsonl")}
   inputs = tmp_path.parent / "inputs.txt"
   inputs.write_text("the [MASK] is returned .\nopen the file . ||| read it .\n")
-  proc = launch("--config=experiments/bert_pretrain.py", f"--workdir={tmp_path}",
-                f"--predict={inputs}", check=True)
+  proc = launch(
+    "--config=experiments/bert_pretrain.py",
+    f"--workdir={tmp_path}",
+    f"--predict={inputs}",
+    check=True,
+  )
   masks, pair = [json.loads(line) for line in proc.stdout.splitlines()]
   assert len(masks["masks"]) == 1 and len(masks["masks"][0]) == 5
   assert 0 < pair["is_next_probability"] < 1
-  proc = launch("--config=experiments/bert_pretrain.py", f"--workdir={tmp_path}",
-                f"--export={tmp_path.parent / 'hf'}", check=True)
+  proc = launch(
+    "--config=experiments/bert_pretrain.py",
+    f"--workdir={tmp_path}",
+    f"--export={tmp_path.parent / 'hf'}",
+    check=True,
+  )
   assert (tmp_path.parent / "hf" / "model.safetensors").exists()
   assert before == {p: os.path.getmtime(tmp_path / p) for p in before}
-  proc = launch("--config=experiments/bert_pretrain.py", f"--workdir={tmp_path}",
-                "--predict=/nonexistent.txt")
+  proc = launch(
+    "--config=experiments/bert_pretrain.py", f"--workdir={tmp_path}", "--predict=/nonexistent.txt"
+  )
   assert proc.returncode == 1 and "--predict=/nonexistent.txt: no such file" in proc.stderr
 
 
@@ -148,8 +167,10 @@ def test_weight_decay_spares_layer_norm_and_biases(setup):
   optimizer = bert_pretrain.make_optimizer(config)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = optimizer.update(zeros, optimizer.init(params), params)
-  moved = {jax.tree_util.keystr(path): bool(jnp.any(u != 0))
-           for path, u in jax.tree_util.tree_leaves_with_path(updates)}
+  moved = {
+    jax.tree_util.keystr(path): bool(jnp.any(u != 0))
+    for path, u in jax.tree_util.tree_leaves_with_path(updates)
+  }
   spared = [k for k in moved if k.endswith(("['bias']", "['scale']", "['output_bias']"))]
   assert spared and not any(moved[k] for k in spared), [k for k in spared if moved[k]]
   decayed = [k for k in moved if k not in spared]
@@ -167,9 +188,16 @@ def trained_smoke(tmp_path_factory):
 
 def test_predict_fills_masks_and_scores_pairs(trained_smoke):
   config, workdir = trained_smoke
-  out = bert_pretrain.predict(config, workdir, [
-      "the value of the [MASK] is returned .", "return the [MASK] of the [MASK] list .",
-      "open the file . ||| read its lines ."], top_k=3)
+  out = bert_pretrain.predict(
+    config,
+    workdir,
+    [
+      "the value of the [MASK] is returned .",
+      "return the [MASK] of the [MASK] list .",
+      "open the file . ||| read its lines .",
+    ],
+    top_k=3,
+  )
   assert [len(o["masks"]) for o in out[:2]] == [1, 2]
   for slot in out[0]["masks"] + out[1]["masks"]:
     probs = [p for _, p in slot]
@@ -198,11 +226,19 @@ def test_exported_run_gives_transformers_the_same_predictions(trained_smoke, tmp
   text = "the value of the [MASK] is returned ."
   ids = [tok.cls_id] + tok.encode(text) + [tok.sep_id]
   slot = ids.index(tok.mask_id)
-  ours = model.apply({"params": params}, jnp.asarray([ids]), jnp.zeros((1, len(ids)), jnp.int32),
-                     jnp.ones((1, len(ids)), bool), jnp.asarray([[slot]]), train=False)
+  ours = model.apply(
+    {"params": params},
+    jnp.asarray([ids]),
+    jnp.zeros((1, len(ids)), jnp.int32),
+    jnp.ones((1, len(ids)), bool),
+    jnp.asarray([[slot]]),
+    train=False,
+  )
   with torch.no_grad():
     theirs = hf(input_ids=torch.tensor([ids]))
-  np.testing.assert_allclose(theirs.prediction_logits[0, slot].numpy(),
-                             np.asarray(ours["mlm_logits"][0, 0]), atol=1e-4)
-  np.testing.assert_allclose(theirs.seq_relationship_logits[0].numpy(),
-                             np.asarray(ours["nsp_logits"][0]), atol=1e-4)
+  np.testing.assert_allclose(
+    theirs.prediction_logits[0, slot].numpy(), np.asarray(ours["mlm_logits"][0, 0]), atol=1e-4
+  )
+  np.testing.assert_allclose(
+    theirs.seq_relationship_logits[0].numpy(), np.asarray(ours["nsp_logits"][0]), atol=1e-4
+  )

@@ -20,9 +20,7 @@ from maskax.data import chars
 from maskax.models import char_rnn
 
 V, E, D = 24, 8, 16
-PROMPT = np.array([[3, 1, 4, 1, 5],
-                   [2, 7, 0, 0, 0],
-                   [6, 5, 3, 0, 0]], np.int32)
+PROMPT = np.array([[3, 1, 4, 1, 5], [2, 7, 0, 0, 0], [6, 5, 3, 0, 0]], np.int32)
 LENGTHS = np.array([5, 2, 3], np.int32)
 BANNED = np.arange(V) == chars.UNKNOWN
 SMOKE = "--config=experiments/char_rnn.py:smoke"
@@ -32,7 +30,8 @@ SMOKE = "--config=experiments/char_rnn.py:smoke"
 def model_and_params():
   model = char_rnn.CharRNN(V, E, D)
   params = jax.jit(lambda k: model.init(k, jnp.zeros((1, 4), jnp.int32))["params"])(
-      jax.random.key(0))
+    jax.random.key(0)
+  )
   # Sharper output weights than at init, so that sampling is far from uniform.
   params["logits"]["kernel"] = params["logits"]["kernel"] * 6.0
   return model, params
@@ -74,7 +73,7 @@ def test_padded_batch_equals_each_row_alone(model_and_params, apply):
   _, params = model_and_params
   logits, carry = apply(params, PROMPT, LENGTHS)
   for b, n in enumerate(LENGTHS):
-    alone, alone_carry = apply(params, PROMPT[b:b + 1, :n])
+    alone, alone_carry = apply(params, PROMPT[b : b + 1, :n])
     np.testing.assert_allclose(logits[b, :n], alone[0], atol=1e-5)
     np.testing.assert_allclose(carry[0][b], alone_carry[0][0], atol=1e-5)
 
@@ -85,8 +84,9 @@ def test_chunked_generation_equals_one_call(model_and_params, gen):
   tokens, carry = gen(params, PROMPT, LENGTHS, _keys(3), steps=12, **options)
   # Two chunks: the second starts from the first's last token and carry.
   first, c = gen(params, PROMPT, LENGTHS, _keys(3), steps=7, **options)
-  second, c = gen(params, first[:, -1:], np.ones(3, np.int32), _keys(3), steps=5, carry=c,
-                  start_step=7, **options)
+  second, c = gen(
+    params, first[:, -1:], np.ones(3, np.int32), _keys(3), steps=5, carry=c, start_step=7, **options
+  )
   np.testing.assert_array_equal(np.concatenate([first, second], axis=1), tokens)
   np.testing.assert_allclose(c[0], carry[0], atol=1e-6)
 
@@ -98,8 +98,9 @@ def test_chunked_generation_through_apply_fn(model_and_params):
   key, options = jax.random.key(7), dict(top_k=5, banned=BANNED)
   whole, _ = run(apply_fn, params, PROMPT, LENGTHS, model.zero_carry(3), 10, key, **options)
   head, c = run(apply_fn, params, PROMPT, LENGTHS, model.zero_carry(3), 6, key, **options)
-  tail, _ = run(apply_fn, params, head[:, -1:], np.ones(3, np.int32), c, 4, key, start_step=6,
-                **options)
+  tail, _ = run(
+    apply_fn, params, head[:, -1:], np.ones(3, np.int32), c, 4, key, start_step=6, **options
+  )
   np.testing.assert_array_equal(np.concatenate([head, tail], axis=1), whole)
 
 
@@ -128,22 +129,32 @@ def test_ragged_batch_generates_what_each_prompt_generates_alone(model_and_param
   _, params = model_and_params
   keys = _keys(5)
   for temperature in (0.9, 0.0):  # traced: one compile per prompt shape
-    batch, carry = gen(params, PROMPT, LENGTHS, keys, steps=12, banned=BANNED,
-                       temperature=temperature)
+    batch, carry = gen(
+      params, PROMPT, LENGTHS, keys, steps=12, banned=BANNED, temperature=temperature
+    )
     for b, n in enumerate(LENGTHS):
-      alone, alone_carry = gen(params, PROMPT[b:b + 1, :n], LENGTHS[b:b + 1], keys[b:b + 1],
-                               steps=12, banned=BANNED, temperature=temperature)
+      alone, alone_carry = gen(
+        params,
+        PROMPT[b : b + 1, :n],
+        LENGTHS[b : b + 1],
+        keys[b : b + 1],
+        steps=12,
+        banned=BANNED,
+        temperature=temperature,
+      )
       np.testing.assert_array_equal(batch[b], alone[0])
       np.testing.assert_allclose(carry[0][b], alone_carry[0][0], atol=1e-5)
 
 
 def test_stream_xent_carried_equals_one_long_run_and_reset_equals_fresh_windows(
-    model_and_params, apply):
+  model_and_params, apply
+):
   model, params = model_and_params
   ids = np.random.default_rng(2).integers(1, V, size=61).astype(np.int32)
   layout = chars.stream_windows(ids, 2, 6)  # [2 streams, 5 windows, 6]
   sums = jax.jit(functools.partial(char_rnn.stream_xent, model))(
-      params, layout["inputs"], layout["targets"])
+    params, layout["inputs"], layout["targets"]
+  )
   x, y = layout["inputs"], layout["targets"]
   every = np.ones((2, 30), bool)
   long_logits, _ = apply(params, x.reshape(2, 30))
@@ -169,12 +180,15 @@ def test_stateful_loss_carries_and_resets_the_state(model_and_params, apply):
   # Row 0 continued its stream (one 12-step run); row 1 was reset before its second window.
   np.testing.assert_allclose(state["carry"][0][0], carry[0][0], atol=1e-5)
   np.testing.assert_allclose(state["carry"][0][1], alone_carry[0][0], atol=1e-5)
-  per_row = [losses.masked_xent(logits[:1, 6:], ids[:1, 7:13], np.ones((1, 6), bool)),
-             losses.masked_xent(alone, ids[1:, 7:13], np.ones((1, 6), bool))]
+  per_row = [
+    losses.masked_xent(logits[:1, 6:], ids[:1, 7:13], np.ones((1, 6), bool)),
+    losses.masked_xent(alone, ids[1:, 7:13], np.ones((1, 6), bool)),
+  ]
   np.testing.assert_allclose(terms["xent"][0], per_row[0][0] + per_row[1][0], rtol=1e-5)
   # Gradients stop at the window boundary: nothing flows into the incoming carry.
   grad = jax.grad(lambda c: loss(params, {"carry": [c]}, second, None, train=True)[0]["xent"][0])(
-      state["carry"][0])
+    state["carry"][0]
+  )
   assert not np.any(np.asarray(grad))
 
 
@@ -207,7 +221,8 @@ def _tiny_train(workdir, stop_at):
   model = exp.build_model(config, V)
   task = exp.build_task(config, model, ids)
   options = train.LoopOptions.from_config(
-      {**config.train.to_dict(), "steps": stop_at, "async_checkpoints": False})
+    {**config.train.to_dict(), "steps": stop_at, "async_checkpoints": False}
+  )
   mesh = sharding.make_mesh(jax.devices()[:1])
   state, _ = train.train(task, options, workdir, seed=0, mesh=mesh)
   return jax.device_get(state)
@@ -235,8 +250,9 @@ def test_smoke_trains_checkpoints_the_carry_resumes_and_predicts(tmp_path):
   carry = np.asarray(state["model_state"]["carry"][0])
   assert carry.shape == (4, 16) and np.any(carry != 0)
   # The schedule depends on train.steps, so extending the run is an explicit choice.
-  resumed = launch(SMOKE, f"--workdir={workdir}", "--config.train.steps=9",
-                   "--allow_config_change", check=True)
+  resumed = launch(
+    SMOKE, f"--workdir={workdir}", "--config.train.steps=9", "--allow_config_change", check=True
+  )
   assert "resumed at step 6" in resumed.stderr
   assert os.path.isdir(os.path.join(ckpt, "9"))
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -246,8 +262,14 @@ def test_smoke_trains_checkpoints_the_carry_resumes_and_predicts(tmp_path):
   before = {p: os.path.getmtime(os.path.join(workdir, p)) for p in ("config.json", "metrics.jsonl")}
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("The \nimport os\n")
-  gen = launch("--config=experiments/char_rnn.py", f"--workdir={workdir}", f"--predict={prompts}",
-               "--config.length=30", "--config.top_k=5", check=True)
+  gen = launch(
+    "--config=experiments/char_rnn.py",
+    f"--workdir={workdir}",
+    f"--predict={prompts}",
+    "--config.length=30",
+    "--config.top_k=5",
+    check=True,
+  )
   out = [json.loads(line) for line in gen.stdout.splitlines()]
   assert [o["prompt"] for o in out] == ["The ", "import os"]
   assert [len(o["text"]) for o in out] == [30, 30]

@@ -66,7 +66,7 @@ def test_stream_layout_window_k_plus_1_continues_window_k(n, streams, seq_len):
   assert x.shape == y.shape == (streams, count, seq_len)
   for b in range(streams):
     # Stream b read window after window is one contiguous run of the text, shifted by one.
-    text = ids[b * stride: b * stride + count * seq_len + 1]
+    text = ids[b * stride : b * stride + count * seq_len + 1]
     np.testing.assert_array_equal(x[b].ravel(), text[:-1])
     np.testing.assert_array_equal(y[b].ravel(), text[1:])
     np.testing.assert_array_equal(x[b, 1:, 0], y[b, :-1, -1])

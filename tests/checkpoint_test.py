@@ -15,8 +15,11 @@ from maskax import integrity
 
 def _state(step):
   w = np.random.default_rng(step).normal(size=(1024,)).astype(np.float32)
-  return {"w": jnp.asarray(w), "b": jnp.full((3,), step, jnp.int32),
-          "key": jax.random.PRNGKey(step)}
+  return {
+    "w": jnp.asarray(w),
+    "b": jnp.full((3,), step, jnp.int32),
+    "key": jax.random.PRNGKey(step),
+  }
 
 
 def _saved(tmp_path, steps=(2, 4)):
@@ -41,8 +44,12 @@ def _abstract():
 
 def _array_file(step_dir):
   """The largest array-data file of the state item (ocdbt keeps array bytes under `d/`)."""
-  files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir / "state") for f in fs
-           if os.path.basename(r) == "d"]
+  files = [
+    os.path.join(r, f)
+    for r, _, fs in os.walk(step_dir / "state")
+    for f in fs
+    if os.path.basename(r) == "d"
+  ]
   return max(files, key=os.path.getsize)
 
 
@@ -94,14 +101,18 @@ def test_a_flipped_byte_is_restored_silently_without_checksums(tmp_path):
   directory = _saved(tmp_path)
   _flip_byte(directory / "4")
   raw = ocp.StandardCheckpointer().restore(directory / "4" / "state")
-  assert not all(np.array_equal(a, b) for a, b in
-                 zip(jax.tree.leaves(raw), jax.tree.leaves(jax.device_get(_state(4)))))
+  assert not all(
+    np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(raw), jax.tree.leaves(jax.device_get(_state(4))))
+  )
 
 
 # A failed tensorstore read leaves an un-awaited orbax coroutine behind; that is orbax's noise.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("damage", [_flip_byte, _truncate, _empty, _half_copied,
-                                    _no_integrity_record, _edited_data_position])
+@pytest.mark.parametrize(
+  "damage",
+  [_flip_byte, _truncate, _empty, _half_copied, _no_integrity_record, _edited_data_position],
+)
 def test_damaged_latest_falls_back_with_a_warning(tmp_path, damage, caplog):
   directory = _saved(tmp_path)
   damage(directory / "4")
@@ -170,9 +181,14 @@ def test_digest_covers_dtype_shape_and_bytes():
 
 def test_checkpoint_saved_before_checksums_restores_unverified(tmp_path, caplog):
   old = ocp.CheckpointManager(str(tmp_path / "ckpt"), item_names=("state", "data", "loop"))
-  old.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(_state(2)),
-                                      data=ocp.args.JsonSave({"position": 2}),
-                                      loop=ocp.args.JsonSave({"elapsed": 2.0})))
+  old.save(
+    2,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(_state(2)),
+      data=ocp.args.JsonSave({"position": 2}),
+      loop=ocp.args.JsonSave({"elapsed": 2.0}),
+    ),
+  )
   old.wait_until_finished()
   old.close()
   with caplog.at_level(logging.WARNING):
@@ -218,6 +234,7 @@ def _make_unreadable(path):
   """Puts a UNIX socket where the file was: open() fails with ENXIO even for root (chmod 000
   does not stop root, which CI runs as). Returns a function that puts the file back."""
   import socket
+
   content = path.read_bytes()
   os.remove(path)
   sock = socket.socket(socket.AF_UNIX)
@@ -227,6 +244,7 @@ def _make_unreadable(path):
     sock.close()
     os.remove(path)
     path.write_bytes(content)
+
   return restore
 
 
@@ -248,6 +266,7 @@ def test_a_read_error_stops_the_run_and_moves_nothing(tmp_path, caplog):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_transient_read_error_is_retried_and_the_newest_checkpoint_restores(tmp_path):
   import threading
+
   directory = _saved(tmp_path)
   put_back = _make_unreadable(directory / "4" / "loop" / "metadata")
   checkpointer = ckpt_lib.Checkpointer(str(directory), every=2, keep=3, read_backoff_s=(1.0,))

@@ -6,7 +6,7 @@ import os
 # tests run the real data-parallel path; single-device tests are unaffected.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
 import tempfile  # noqa: E402
@@ -33,8 +33,14 @@ if ROOT not in sys.path:  # lets tests import experiments.<name> like launch.py 
 def launch(*args, devices: int = 1, timeout: float = 300, env=None, check=False, cwd=ROOT):
   """Runs `python launch.py ARGS` in a subprocess on `devices` simulated CPU devices."""
   full_env = _env(devices, env)
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=cwd,
-                        env=full_env, capture_output=True, text=True, timeout=timeout)
+  proc = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "launch.py"), *args],
+    cwd=cwd,
+    env=full_env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
   if check and proc.returncode != 0:
     raise AssertionError(f"launch {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
   return proc
@@ -60,8 +66,12 @@ def run_launch():
 
 
 def _env(devices: int, env=None) -> dict:
-  full_env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-                  XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  full_env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    PYTHONUNBUFFERED="1",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  )
   full_env.update(env or {})
   return full_env
 
@@ -74,8 +84,13 @@ def spawn(*args, log_path, devices: int = 1, env=None, python_args=()) -> subpro
   """
   command = list(python_args) or [os.path.join(ROOT, "launch.py")]
   with open(log_path, "w") as log:
-    return subprocess.Popen([sys.executable, *command, *args], cwd=ROOT,
-                            env=_env(devices, env), stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+      [sys.executable, *command, *args],
+      cwd=ROOT,
+      env=_env(devices, env),
+      stdout=log,
+      stderr=subprocess.STDOUT,
+    )
 
 
 def free_port() -> int:
@@ -88,10 +103,18 @@ def free_port() -> int:
 def spawn_processes(*args, n: int, log_dir, heartbeat_s: int = 5, devices: int = 1):
   """Starts an `n`-process jax.distributed job on loopback; returns the Popens by process id."""
   address = f"127.0.0.1:{free_port()}"
-  return [spawn(*args, f"--coordinator_address={address}", f"--num_processes={n}",
-                f"--process_id={i}", f"--heartbeat_timeout_s={heartbeat_s}",
-                log_path=os.path.join(log_dir, f"process{i}.log"), devices=devices)
-          for i in range(n)]
+  return [
+    spawn(
+      *args,
+      f"--coordinator_address={address}",
+      f"--num_processes={n}",
+      f"--process_id={i}",
+      f"--heartbeat_timeout_s={heartbeat_s}",
+      log_path=os.path.join(log_dir, f"process{i}.log"),
+      devices=devices,
+    )
+    for i in range(n)
+  ]
 
 
 def read_losses(workdir) -> dict:
@@ -103,8 +126,12 @@ def read_losses(workdir) -> dict:
 
 # The uninterrupted run the preemption and multi-process tests compare with: 20 steps of the
 # example experiment, a loss record per step, checkpoints every 5 steps.
-SMOKE20 = ("--config=experiments/example_regression.py:smoke", "--config.train.steps=20",
-           "--config.train.log_every=1", "--config.train.checkpoint_every=5")
+SMOKE20 = (
+  "--config=experiments/example_regression.py:smoke",
+  "--config.train.steps=20",
+  "--config.train.log_every=1",
+  "--config.train.checkpoint_every=5",
+)
 
 
 @pytest.fixture(scope="session")

@@ -27,15 +27,16 @@ def scripted_step(params, context, state, token):
 
 
 def test_greedy_stops_at_eos_and_pads_after_it():
-  script = np.array([[3, 4, EOS, 5, 5, 5],
-                     [EOS, 3, 3, 3, 3, 3],
-                     [4, 4, 4, EOS, 3, 3]], np.int32)
-  out = jax.jit(functools.partial(decoding.greedy_decode, scripted_step, max_len=L, go_id=GO,
-                                  eos_id=EOS, pad_id=PAD))(
-      None, {"script": script}, {"t": jnp.zeros(3, jnp.int32)})
-  np.testing.assert_array_equal(out.tokens, [[3, 4, EOS, PAD, PAD, PAD],
-                                             [EOS, PAD, PAD, PAD, PAD, PAD],
-                                             [4, 4, 4, EOS, PAD, PAD]])
+  script = np.array([[3, 4, EOS, 5, 5, 5], [EOS, 3, 3, 3, 3, 3], [4, 4, 4, EOS, 3, 3]], np.int32)
+  out = jax.jit(
+    functools.partial(
+      decoding.greedy_decode, scripted_step, max_len=L, go_id=GO, eos_id=EOS, pad_id=PAD
+    )
+  )(None, {"script": script}, {"t": jnp.zeros(3, jnp.int32)})
+  np.testing.assert_array_equal(
+    out.tokens,
+    [[3, 4, EOS, PAD, PAD, PAD], [EOS, PAD, PAD, PAD, PAD, PAD], [4, 4, 4, EOS, PAD, PAD]],
+  )
   np.testing.assert_array_equal(out.lengths, [3, 1, 4])
   assert int(out.steps) == 4  # the loop ends once every row has emitted EOS
   step_logp = 5.0 - math.log(math.exp(5.0) + V - 1)
@@ -52,8 +53,9 @@ def test_no_eos_runs_to_max_len_and_never_emits_go_or_pad():
   assert int(out.steps) == L
   np.testing.assert_array_equal(out.lengths, [L, L])
   np.testing.assert_array_equal(out.tokens, np.full((2, L), 3))
-  beamed = decoding.beam_search(step, None, None, state, beam_width=2, max_len=L, go_id=GO,
-                                eos_id=EOS)
+  beamed = decoding.beam_search(
+    step, None, None, state, beam_width=2, max_len=L, go_id=GO, eos_id=EOS
+  )
   assert not np.isin(np.asarray(beamed.tokens), [PAD, GO]).any()
 
 
@@ -71,8 +73,7 @@ def bigram_step(params, context, state, token):
 
 def _bigram(decode, **kw):
   state = {"dummy": jnp.zeros((1, 1))}
-  return decode(bigram_step, jnp.asarray(TABLE), None, state, max_len=4, go_id=GO, eos_id=EOS,
-                **kw)
+  return decode(bigram_step, jnp.asarray(TABLE), None, state, max_len=4, go_id=GO, eos_id=EOS, **kw)
 
 
 def _best_by_enumeration(max_len):
@@ -92,7 +93,7 @@ def test_beam_search_finds_the_best_sequence_greedy_misses():
   beam = _bigram(decoding.beam_search, beam_width=3, length_penalty=0.0)
   score, seq = _best_by_enumeration(4)
   assert int(greedy.tokens[0, 0]) == 3 and seq[0] == 4  # locally best, globally worse
-  assert list(np.asarray(beam.tokens[0, :len(seq)])) == seq
+  assert list(np.asarray(beam.tokens[0, : len(seq)])) == seq
   np.testing.assert_allclose(float(beam.scores[0]), score, rtol=1e-5)
   assert float(beam.scores[0]) > float(greedy.scores[0])
 
@@ -118,29 +119,44 @@ def test_wide_beam_is_exhaustive_and_tracks_each_beams_state():
 
   max_len = 4
   state = {"before": jnp.full((1,), GO, jnp.int32)}
-  out = decoding.beam_search(step, table, None, state, beam_width=64, max_len=max_len,
-                             go_id=GO, eos_id=EOS, length_penalty=0.0)
+  out = decoding.beam_search(
+    step,
+    table,
+    None,
+    state,
+    beam_width=64,
+    max_len=max_len,
+    go_id=GO,
+    eos_id=EOS,
+    length_penalty=0.0,
+  )
   logp = np.asarray(jax.nn.log_softmax(table, axis=-1))
   best = (-np.inf, None)
   for seq in itertools.product([EOS, 3, 4, 5], repeat=max_len):
-    seq = list(seq[:seq.index(EOS) + 1]) if EOS in seq else list(seq)
+    seq = list(seq[: seq.index(EOS) + 1]) if EOS in seq else list(seq)
     context = [GO, GO] + seq
     score = sum(logp[context[i], context[i + 1], context[i + 2]] for i in range(len(seq)))
     best = max(best, (score, seq))
-  got = list(np.asarray(out.tokens[0, :int(out.lengths[0])]))
+  got = list(np.asarray(out.tokens[0, : int(out.lengths[0])]))
   assert got == best[1] and len(got) >= 3
   np.testing.assert_allclose(float(out.scores[0]), best[0], rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
 def model():
-  config = seq2seq.Seq2SeqConfig(source_vocab=9, target_vocab=8, embed=6, hidden=8,
-                                 attention="luong", bidirectional=True, cell="lstm")
+  config = seq2seq.Seq2SeqConfig(
+    source_vocab=9,
+    target_vocab=8,
+    embed=6,
+    hidden=8,
+    attention="luong",
+    bidirectional=True,
+    cell="lstm",
+  )
   params = jax.jit(seq2seq.init_params, static_argnums=1)(jax.random.key(1, impl="rbg"), config)
   # Larger weights than init so that the untrained model's choices are not near ties.
   params = jax.tree.map(lambda x: 3.0 * x, params)
-  source = np.array([[4, 5, 6, 7, 8], [5, 4, 0, 0, 0], [8, 0, 0, 0, 0], [6, 6, 6, 0, 0]],
-                    np.int32)
+  source = np.array([[4, 5, 6, 7, 8], [5, 4, 0, 0, 0], [8, 0, 0, 0, 0], [6, 6, 6, 0, 0]], np.int32)
   lengths = np.array([5, 2, 1, 3], np.int32)
   translate = jax.jit(seq2seq.translate, static_argnames=("config", "max_len", "beam_width"))
   return config, params, source, lengths, translate
@@ -163,8 +179,14 @@ def test_ragged_batch_decodes_like_each_row_alone(model):
     again = translate(params, config, garbage, lengths, max_len=7, beam_width=beam_width)
     np.testing.assert_array_equal(again.tokens, batch.tokens)
     for row in range(len(source)):  # batch of one, same width: one compile per beam width
-      alone = translate(params, config, source[row:row + 1], lengths[row:row + 1], max_len=7,
-                        beam_width=beam_width)
+      alone = translate(
+        params,
+        config,
+        source[row : row + 1],
+        lengths[row : row + 1],
+        max_len=7,
+        beam_width=beam_width,
+      )
       np.testing.assert_array_equal(alone.tokens[0], batch.tokens[row])
 
 
@@ -192,5 +214,6 @@ def test_bad_options_raise():
   with pytest.raises(ValueError, match="must differ"):
     decoding.greedy_decode(scripted_step, None, {}, state, max_len=3, go_id=GO, eos_id=PAD)
   with pytest.raises(ValueError, match="beam_width"):
-    decoding.beam_search(scripted_step, None, {}, state, beam_width=0, max_len=3, go_id=GO,
-                         eos_id=EOS)
+    decoding.beam_search(
+      scripted_step, None, {}, state, beam_width=0, max_len=3, go_id=GO, eos_id=EOS
+    )

@@ -16,9 +16,11 @@ def _arrays(seed=0):
   rng = np.random.default_rng(seed)
   labels = rng.integers(0, C, size=(N, 2, 3))
   labels[rng.uniform(size=labels.shape) < 0.2] = metrics.IGNORE_LABEL
-  return {"pred": rng.integers(0, C, size=(N, 2, 3)).astype(np.int32),
-          "label": labels.astype(np.int32),
-          "value": rng.normal(size=(N,)).astype(np.float32)}
+  return {
+    "pred": rng.integers(0, C, size=(N, 2, 3)).astype(np.int32),
+    "label": labels.astype(np.int32),
+    "value": rng.normal(size=(N,)).astype(np.float32),
+  }
 
 
 def _sums(params, batch):
@@ -26,14 +28,18 @@ def _sums(params, batch):
   valid = batch["valid"]
   labels = jnp.where(valid[:, None, None], batch["label"], metrics.IGNORE_LABEL)
   value = batch["value"] * params["scale"]
-  return {"mean": (jnp.sum(jnp.where(valid, value, 0.0)), jnp.sum(valid, dtype=jnp.float32)),
-          "worst": evaluation.Max(jnp.max(jnp.abs(value))),
-          "confusion": metrics.confusion_matrix(batch["pred"], labels, C)}
+  return {
+    "mean": (jnp.sum(jnp.where(valid, value, 0.0)), jnp.sum(valid, dtype=jnp.float32)),
+    "worst": evaluation.Max(jnp.max(jnp.abs(value))),
+    "confusion": metrics.confusion_matrix(batch["pred"], labels, C),
+  }
 
 
 def _finish(sums):
-  return {**metrics.segmentation_scores(sums["confusion"]),
-          "labelled": float(np.sum(sums["confusion"]))}
+  return {
+    **metrics.segmentation_scores(sums["confusion"]),
+    "labelled": float(np.sum(sums["confusion"])),
+  }
 
 
 def _evaluate(devices, data, finish=_finish):
@@ -48,11 +54,13 @@ def _numpy_reference(arrays):
   inter, truth, predicted = np.diag(conf), conf.sum(1), conf.sum(0)
   union = truth + predicted - inter
   present = union > 0
-  return conf, {"mean": float(np.mean(2.0 * arrays["value"])),
-                "worst": float(np.max(np.abs(2.0 * arrays["value"]))),
-                "pixel_acc": inter.sum() / conf.sum(),
-                "mean_iou": np.mean(inter[present] / union[present]),
-                "labelled": float(ok.sum())}
+  return conf, {
+    "mean": float(np.mean(2.0 * arrays["value"])),
+    "worst": float(np.max(np.abs(2.0 * arrays["value"]))),
+    "pixel_acc": inter.sum() / conf.sum(),
+    "mean_iou": np.mean(inter[present] / union[present]),
+    "labelled": float(ok.sum()),
+  }
 
 
 def test_eight_devices_equal_one_device():
@@ -87,8 +95,10 @@ def test_max_takes_the_maximum_over_batches_not_the_sum():
 
 def test_named_sets_are_suffixed_and_equal_each_set_alone():
   a, b = _arrays(3), _arrays(4)
-  both = _evaluate(jax.devices(), lambda: {"a": evaluation.fixed_batches(a, B),
-                                           "b": evaluation.fixed_batches(b, B)})
+  both = _evaluate(
+    jax.devices(),
+    lambda: {"a": evaluation.fixed_batches(a, B), "b": evaluation.fixed_batches(b, B)},
+  )
   for name, arrays in (("a", a), ("b", b)):
     alone = _evaluate(jax.devices(), lambda arrays=arrays: evaluation.fixed_batches(arrays, B))
     assert {k: both[f"{k}_{name}"] for k in alone} == alone
@@ -98,8 +108,9 @@ def test_named_sets_are_suffixed_and_equal_each_set_alone():
 def test_data_is_read_and_sharded_once():
   calls = []
   batches = evaluation.fixed_batches(_arrays(), B)
-  evaluator = evaluation.Evaluator(_sums, lambda: calls.append(1) or batches,
-                                   sharding.make_mesh(), finish=_finish)
+  evaluator = evaluation.Evaluator(
+    _sums, lambda: calls.append(1) or batches, sharding.make_mesh(), finish=_finish
+  )
   params = {"scale": jnp.float32(1.0)}
   first, second = evaluator(params), evaluator({"scale": jnp.float32(1.0)})
   assert first == second and len(calls) == 1
@@ -125,9 +136,12 @@ def test_the_loop_logs_eval_sums_and_finish_per_set(tmp_path):
 
   def eval_sums(params, model_state, batch, key):
     err = jnp.abs(batch["x"] * params["w"] - batch["y"])
-    (total, weight), = loss(params, model_state, batch, key, train=False)[0].values()
-    return {"mse": (total, weight), "worst": evaluation.Max(jnp.max(err)),
-            "hist": jnp.sum(jax.nn.one_hot(jnp.minimum(err, 3.0).astype(jnp.int32), 4), (0, 1))}
+    ((total, weight),) = loss(params, model_state, batch, key, train=False)[0].values()
+    return {
+      "mse": (total, weight),
+      "worst": evaluation.Max(jnp.max(err)),
+      "hist": jnp.sum(jax.nn.one_hot(jnp.minimum(err, 3.0).astype(jnp.int32), 4), (0, 1)),
+    }
 
   def batch(seed, scale=1.0):
     x = (scale * np.random.default_rng(seed).normal(size=(8, 3))).astype(np.float32)
@@ -136,21 +150,29 @@ def test_the_loop_logs_eval_sums_and_finish_per_set(tmp_path):
   class Data:
     def __next__(self):
       return batch(0)
+
     def get_state(self):
       return {}
+
     def set_state(self, state):
       pass
 
   sets = {"small": [batch(1)], "large": [batch(2), batch(3, scale=10.0)]}
-  task = train.Task(init=lambda key: ({"w": jnp.float32(0.5)}, {}), loss=loss,
-                    optimizer=optax.sgd(0.0), train_data=Data(), eval_data=lambda: sets,
-                    eval_sums=eval_sums, eval_finish=lambda s: {"hist_3": float(s["hist"][3])})
+  task = train.Task(
+    init=lambda key: ({"w": jnp.float32(0.5)}, {}),
+    loss=loss,
+    optimizer=optax.sgd(0.0),
+    train_data=Data(),
+    eval_data=lambda: sets,
+    eval_sums=eval_sums,
+    eval_finish=lambda s: {"hist_3": float(s["hist"][3])},
+  )
   options = train.LoopOptions(steps=2, log_every=1, checkpoint_every=2, async_checkpoints=False)
   _, final = train.train(task, options, str(tmp_path), seed=0)
   for name, batches in sets.items():
     x = np.concatenate([b["x"] for b in batches]).astype(np.float64)
     err = np.abs(0.5 * x - 2.0 * x)
-    np.testing.assert_allclose(final[f"eval/mse_{name}"], np.mean(err ** 2), rtol=1e-6)
+    np.testing.assert_allclose(final[f"eval/mse_{name}"], np.mean(err**2), rtol=1e-6)
     np.testing.assert_allclose(final[f"eval/worst_{name}"], err.max(), rtol=1e-6)
     assert final[f"eval/hist_3_{name}"] == np.sum(err >= 3.0)
   assert final["eval/hist_3_small"] < final["eval/hist_3_large"]  # the sets really differ

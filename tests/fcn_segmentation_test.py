@@ -42,14 +42,14 @@ def _labels(seed, shape=(B, H, W)):
 @pytest.fixture(scope="module")
 def model_and_params():
   model = fcn.build_model(_tiny_config())
-  params = jax.jit(lambda k: model.init(k, jnp.zeros((1, H, W, 3)), train=False)["params"])(
-      _key(0))
+  params = jax.jit(lambda k: model.init(k, jnp.zeros((1, H, W, 3)), train=False)["params"])(_key(0))
   # Noise on every weight, then class scores centred over some images, so that the untrained
   # net predicts several classes (a non-trivial confusion matrix for the eval test).
   leaves, tree = jax.tree.flatten(params)
   rng = np.random.default_rng(1)
-  params = jax.tree.unflatten(tree, [x + rng.normal(size=x.shape).astype(np.float32)
-                                     for x in leaves])
+  params = jax.tree.unflatten(
+    tree, [x + rng.normal(size=x.shape).astype(np.float32) for x in leaves]
+  )
   images = jnp.asarray(rng.uniform(size=(8, H, W, 3)), jnp.float32)
   mean = model.apply({"params": params}, images, train=False).mean(axis=(0, 1, 2))
   params["score"]["bias"] = params["score"]["bias"] - mean
@@ -59,17 +59,25 @@ def model_and_params():
 def test_modes_parse_and_raise_the_batch():
   assert fcn.parse_mode("loss_sampling_p0.25", 1.0) == ("loss_sampling", 0.25)
   assert fcn.parse_mode("loss_sampling", 0.5) == ("loss_sampling", 0.5)
-  for mode, keep, match in [("bogus", 1.0, "train.mode='bogus'"),
-                            ("full", 0.5, "only applies with train.mode=loss_sampling"),
-                            ("loss_sampling_p0.5", 0.25, "leave loss.keep_prob at 1.0"),
-                            ("loss_sampling_p0", 1.0, r"in \(0, 1\]")]:
+  for mode, keep, match in [
+    ("bogus", 1.0, "train.mode='bogus'"),
+    ("full", 0.5, "only applies with train.mode=loss_sampling"),
+    ("loss_sampling_p0.5", 0.25, "leave loss.keep_prob at 1.0"),
+    ("loss_sampling_p0", 1.0, r"in \(0, 1\]"),
+  ]:
     with pytest.raises(ValueError, match=match):
       fcn.parse_mode(mode, keep)
   config = fcn.get_config()
   labels = np.zeros((128, 64, 64), np.uint8)
   labels[:, :8] = 1
-  expected = {"full": 16, "loss_sampling_p0.5": 32, "loss_sampling_p0.25": 64, "patchwise": 64,
-              "class_weighted": 16, "class_sampled": 16}
+  expected = {
+    "full": 16,
+    "loss_sampling_p0.5": 32,
+    "loss_sampling_p0.25": 64,
+    "patchwise": 64,
+    "class_weighted": 16,
+    "class_sampled": 16,
+  }
   for mode, batch in expected.items():
     config.train.mode = mode
     spec, got, crop = fcn.resolve(config, labels)
@@ -85,8 +93,10 @@ def test_modes_parse_and_raise_the_batch():
 @pytest.mark.parametrize("normalization", ["token_mean", "batch_mean"])
 def test_loss_sampling_at_p1_equals_the_full_loss_exactly(model_and_params, normalization):
   model, params = model_and_params
-  batch = {"image": jnp.asarray(np.random.default_rng(2).uniform(size=(B, H, W, 3)), jnp.float32),
-           "label": jnp.asarray(_labels(3))}
+  batch = {
+    "image": jnp.asarray(np.random.default_rng(2).uniform(size=(B, H, W, 3)), jnp.float32),
+    "label": jnp.asarray(_labels(3)),
+  }
   key = jax.random.PRNGKey(7)  # the loop's key type
 
   def run(mode, keep_prob):
@@ -105,8 +115,10 @@ def test_loss_sampling_at_p1_equals_the_full_loss_exactly(model_and_params, norm
   (full_loss, (full_terms, full_aux)), full_grads = run("full", 1.0)
   (samp_loss, (samp_terms, samp_aux)), samp_grads = run("loss_sampling", 1.0)
   assert float(full_aux["kept_fraction"][0]) == np.sum(_labels(3) != 255)
-  for a, b in zip(jax.tree.leaves((full_loss, full_terms, full_aux, full_grads)),
-                  jax.tree.leaves((samp_loss, samp_terms, samp_aux, samp_grads))):
+  for a, b in zip(
+    jax.tree.leaves((full_loss, full_terms, full_aux, full_grads)),
+    jax.tree.leaves((samp_loss, samp_terms, samp_aux, samp_grads)),
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   (half_loss, (half_terms, _)), _ = run("loss_sampling", 0.5)
   if normalization == "token_mean":  # the sampled loss keeps about half the valid pixels
@@ -116,19 +128,34 @@ def test_loss_sampling_at_p1_equals_the_full_loss_exactly(model_and_params, norm
 def _xent_ref(logits, labels):
   """Float64 mean cross-entropy over non-ignored pixels."""
   x = np.asarray(logits, np.float64)
-  logp = x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(
-      -1, keepdims=True)
+  logp = (
+    x
+    - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    - x.max(-1, keepdims=True)
+  )
   ok = labels != 255
   nll = -np.take_along_axis(logp, np.where(ok, labels, 0)[..., None], -1)[..., 0]
   return nll[ok].sum(), ok.sum()
 
 
-@pytest.mark.parametrize("mode, keep_prob, sample_cell", [
-    ("full", 1.0, 1), ("loss_sampling", 0.5, 1), ("loss_sampling", 0.5, 4),
-    ("class_weighted", 1.0, 1), ("class_sampled", 1.0, 1)])
+@pytest.mark.parametrize(
+  "mode, keep_prob, sample_cell",
+  [
+    ("full", 1.0, 1),
+    ("loss_sampling", 0.5, 1),
+    ("loss_sampling", 0.5, 4),
+    ("class_weighted", 1.0, 1),
+    ("class_sampled", 1.0, 1),
+  ],
+)
 def test_ignored_pixels_never_count(mode, keep_prob, sample_cell):
-  spec = fcn.LossSpec(mode=mode, keep_prob=keep_prob, sample_cell=sample_cell,
-                      class_weights=(0.5, 1.0, 2.0, 3.0), class_keep_probs=(0.3, 1.0, 1.0, 1.0))
+  spec = fcn.LossSpec(
+    mode=mode,
+    keep_prob=keep_prob,
+    sample_cell=sample_cell,
+    class_weights=(0.5, 1.0, 2.0, 3.0),
+    class_keep_probs=(0.3, 1.0, 1.0, 1.0),
+  )
   labels = _labels(4)
   ignored = labels == 255
   rng = np.random.default_rng(5)
@@ -142,8 +169,9 @@ def test_ignored_pixels_never_count(mode, keep_prob, sample_cell):
 
   t, w, g = total_weight_grad(logits, labels)
   assert 0 < float(w) and np.isfinite(float(t))
-  kept, valid = jax.jit(lambda x: fcn.pixel_loss(x, labels, _key(9), spec, train=True)[1][
-      "kept_fraction"])(logits)
+  kept, valid = jax.jit(
+    lambda x: fcn.pixel_loss(x, labels, _key(9), spec, train=True)[1]["kept_fraction"]
+  )(logits)
   assert float(valid) == np.sum(~ignored)
   assert float(kept) == (np.sum(~ignored) if mode == "class_weighted" else float(w))
   for garbage in (np.nan, np.inf, -1e30):
@@ -176,11 +204,18 @@ def test_eval_scores_equal_scores_of_a_numpy_confusion_matrix(model_and_params):
   labels = _labels(7, (n, H, W)).astype(np.uint8)
   batches = evaluation.fixed_batches({"image": images, "label": labels}, 4)
   # The experiment's evaluation through the loop's own evaluator, on 2 devices.
-  task = train.Task(init=None, loss=None, optimizer=None, train_data=None,
-                    eval_data=lambda: batches, eval_sums=fcn.make_eval_sums(model),
-                    eval_finish=fcn.eval_finish)
-  state = train.TrainState(step=jnp.int32(0), params=params, opt_state={}, model_state={},
-                           key=_key(0))
+  task = train.Task(
+    init=None,
+    loss=None,
+    optimizer=None,
+    train_data=None,
+    eval_data=lambda: batches,
+    eval_sums=fcn.make_eval_sums(model),
+    eval_finish=fcn.eval_finish,
+  )
+  state = train.TrainState(
+    step=jnp.int32(0), params=params, opt_state={}, model_state={}, key=_key(0)
+  )
   got = make_eval_step(task, sharding.make_mesh(jax.devices()[:2]))(state)
 
   logits = np.asarray(model.apply({"params": params}, images, train=False))
@@ -202,7 +237,8 @@ def test_fcn_runs_on_the_default_image_size():
   shape = (1, config.data.height, config.data.width, 3)
   x = jnp.asarray(np.random.default_rng(0).uniform(size=shape), jnp.float32)
   logits = jax.jit(lambda k, x: model.apply(model.init(k, x, train=False), x, train=False))(
-      _key(0), x)
+    _key(0), x
+  )
   assert logits.shape == shape[:3] + (config.data.num_classes,)
   assert bool(jnp.all(jnp.isfinite(logits)))
 
@@ -213,7 +249,8 @@ def test_folder_data_split(tmp_path):
     os.makedirs(tmp_path / sub)
   for i in range(5):
     Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(
-        tmp_path / "images" / f"{i}.png")
+      tmp_path / "images" / f"{i}.png"
+    )
     lab = rng.integers(0, 3, (12, 16), dtype=np.uint8)
     lab[0] = 255
     Image.fromarray(lab, mode="L").save(tmp_path / "labels" / f"{i}.png")
@@ -244,20 +281,32 @@ def test_smoke_trains_checkpoints_resumes_and_predicts(tmp_path):
   before = {p: open(os.path.join(work, p)).read() for p in record}
   _write_png(tmp_path / "in" / "a.png", (16, 20, 3))
   (tmp_path / "lines.txt").write_text(f"{tmp_path / 'in'}\n")
-  proc = launch("--config=experiments/fcn_segmentation.py", f"--workdir={work}",
-                f"--predict={tmp_path / 'lines.txt'}", cwd=str(tmp_path), check=True)
-  out, = [json.loads(line) for line in proc.stdout.splitlines()]
+  proc = launch(
+    "--config=experiments/fcn_segmentation.py",
+    f"--workdir={work}",
+    f"--predict={tmp_path / 'lines.txt'}",
+    cwd=str(tmp_path),
+    check=True,
+  )
+  (out,) = [json.loads(line) for line in proc.stdout.splitlines()]
   assert out["labels"] == os.path.join("predictions", "a_labels.png")
   assert np.asarray(Image.open(tmp_path / out["labels"])).shape == (16, 20)
   assert len(out["class_pixels"]) == 6 and sum(out["class_pixels"]) == 16 * 20
   assert before == {p: open(os.path.join(work, p)).read() for p in record}
   assert not any(n.endswith(".png") and n != "predictions.png" for n in os.listdir(work))
-  proc = launch("--config=experiments/fcn_segmentation.py", f"--workdir={work}",
-                f"--predict={tmp_path / 'lines.txt'}", f"--predict_out={work}/out")
+  proc = launch(
+    "--config=experiments/fcn_segmentation.py",
+    f"--workdir={work}",
+    f"--predict={tmp_path / 'lines.txt'}",
+    f"--predict_out={work}/out",
+  )
   assert proc.returncode == 1 and "lies in the workdir" in proc.stderr
   (tmp_path / "blank.txt").write_text("\n  \n")
-  proc = launch("--config=experiments/fcn_segmentation.py", f"--workdir={work}",
-                f"--predict={tmp_path / 'blank.txt'}")
+  proc = launch(
+    "--config=experiments/fcn_segmentation.py",
+    f"--workdir={work}",
+    f"--predict={tmp_path / 'blank.txt'}",
+  )
   assert proc.returncode == 1 and "blank.txt holds no input lines" in proc.stderr
 
 
@@ -282,8 +331,7 @@ def test_predict_writes_class_id_and_overlay_pngs(trained_smoke, tmp_path):
   one = _write_png(tmp_path / "one.png", (16, 16, 3))
   _write_png(tmp_path / "folder" / "two.png", (12, 20, 3))  # any size: fully convolutional
   Image.open(one).save(tmp_path / "folder" / "three.jpg")
-  out = fcn.predict(config, workdir, [one, str(tmp_path / "folder")],
-                    out_dir=str(tmp_path / "out"))
+  out = fcn.predict(config, workdir, [one, str(tmp_path / "folder")], out_dir=str(tmp_path / "out"))
   assert [os.path.basename(o["image"]) for o in out] == ["one.png", "three.jpg", "two.png"]
   model = fcn.build_model(config)
   params = restore.restore_params(workdir).params

@@ -59,8 +59,10 @@ def test_inputs_never_read_missing_values(strategy):
 def test_fully_observed_inputs_agree_except_indicator_columns():
   x, _ = _data()
   full = np.ones(x.shape, bool)
-  inputs = {s: np.asarray(timeseries.build_inputs(x, full, strategy=s, fill_value=FILL))
-            for s in timeseries.STRATEGIES}
+  inputs = {
+    s: np.asarray(timeseries.build_inputs(x, full, strategy=s, fill_value=FILL))
+    for s in timeseries.STRATEGIES
+  }
   assert inputs["zero_fill"].shape == (B, T, F)
   np.testing.assert_array_equal(inputs["zero_fill"], x)
   for s in ("indicator", "forward_fill", "mean_fill"):
@@ -99,8 +101,9 @@ def lstm_setup():
 def test_loss_ignores_unobserved_targets(lstm_setup):
   model, params = lstm_setup
   x, mask = _data(2)
-  loss = jax.jit(lambda p, b: fm.make_loss(model, jnp.asarray(FILL))(p, {}, b, None,
-                                                                     train=True)[0]["mse"])
+  loss = jax.jit(
+    lambda p, b: fm.make_loss(model, jnp.asarray(FILL))(p, {}, b, None, train=True)[0]["mse"]
+  )
   value_and_grad = jax.jit(jax.value_and_grad(lambda p, b: loss(p, b)[0] / loss(p, b)[1]))
   base = {"x": np.where(mask, x, np.nan).astype(np.float32), "mask": mask}
   (total, weight), (v, g) = loss(params, base), value_and_grad(params, base)
@@ -123,8 +126,7 @@ def test_a_fully_missing_step_freezes_the_carry(lstm_setup):
   np.testing.assert_array_equal(pred[:, 4], pred[:, 3])  # carry unchanged, forecast repeated
   # Dropping the missing step from the sequence gives the same forecasts after it.
   keep = np.arange(T) != 4
-  short = np.asarray(model.apply({"params": params}, x[:, keep], mask[:, keep],
-                                 fill_value=FILL))
+  short = np.asarray(model.apply({"params": params}, x[:, keep], mask[:, keep], fill_value=FILL))
   np.testing.assert_allclose(pred[:, keep], short, atol=1e-6)
 
 
@@ -141,14 +143,21 @@ def test_baseline_and_next_step_mse():
 def test_eval_sums_skip_filler_rows_and_score_the_baseline(lstm_setup):
   model, params = lstm_setup
   x, mask = _data(5)
-  batch = {"x": np.where(mask, x, np.nan).astype(np.float32), "mask": mask, "truth": x,
-           "valid": np.array([True, True, False])}  # row 2 is filler: it must count nowhere
+  batch = {
+    "x": np.where(mask, x, np.nan).astype(np.float32),
+    "mask": mask,
+    "truth": x,
+    "valid": np.array([True, True, False]),
+  }  # row 2 is filler: it must count nowhere
   sums = jax.jit(fm.make_eval_sums(model, jnp.asarray(FILL)))(params, {}, batch, None)
   pred = model.apply({"params": params}, x[:2], mask[:2], fill_value=FILL)
   (obs_t, obs_w), (full_t, full_w) = timeseries.next_step_mse(pred, x[:2], mask[:2])
   base = timeseries.last_value_forecast(x[:2], mask[:2], fill_value=FILL)
-  want = {"mse": (obs_t, obs_w), "full_mse": (full_t, full_w),
-          "last_value_mse": timeseries.next_step_mse(base, x[:2], mask[:2])[0]}
+  want = {
+    "mse": (obs_t, obs_w),
+    "full_mse": (full_t, full_w),
+    "last_value_mse": timeseries.next_step_mse(base, x[:2], mask[:2])[0],
+  }
   for name, (total, weight) in want.items():
     np.testing.assert_allclose(sums[name][0], total, rtol=1e-5, err_msg=name)
     assert float(sums[name][1]) == float(weight), name
@@ -207,8 +216,10 @@ def test_predict_forecasts_npz_and_csv_alike(trained_smoke, tmp_path):
   np.savez(tmp_path / "junk.npz", values=np.where(mask, x, 1e6), mask=mask)
   # The .csv layout (maskax.data.user_files): empty cells are missing; row 2 stops at step 5.
   lines = ["sequence,r,g,b"] + [
-      f"s{b}," + ",".join(repr(float(v)) if m else "" for v, m in zip(x[b, t], mask[b, t]))
-      for b in range(B) for t in range(T if b < 2 else 5)]
+    f"s{b}," + ",".join(repr(float(v)) if m else "" for v, m in zip(x[b, t], mask[b, t]))
+    for b in range(B)
+    for t in range(T if b < 2 else 5)
+  ]
   (tmp_path / "rows.csv").write_text("\n".join(lines) + "\n")
   inputs = [str(tmp_path / n) for n in ("nan.npz", "junk.npz", "rows.csv")]
   out = fm.predict(config, workdir, inputs, out_dir=str(tmp_path / "out"))
@@ -227,18 +238,28 @@ def test_predict_forecasts_npz_and_csv_alike(trained_smoke, tmp_path):
 
 def test_predict_input_errors_are_one_line(trained_smoke, tmp_path):
   config, workdir = trained_smoke
-  run = lambda name: fm.predict(config, workdir, [str(tmp_path / name)],
-                                out_dir=str(tmp_path / "out"))
+  run = lambda name: fm.predict(
+    config, workdir, [str(tmp_path / name)], out_dir=str(tmp_path / "out")
+  )
   x, mask = _data()
   cases = {
-      "nomask.npz": (dict(values=x), r"no array mask \(it has values\); expected values "
-                     r"f32\[B, T, 3\] and mask bool\[B, T, 3\]"),
-      "intmask.npz": (dict(values=x, mask=mask.astype(np.int64)),
-                      r"mask is int64\[3, 8, 3\]; expected bool\[3, 8, 3\]"),
-      "rgba.npz": (dict(values=np.zeros((B, T, 4)), mask=np.ones((B, T, 4), bool)),
-                   r"values has shape \[3, 8, 4\]; expected values f32\[B, T, 3\]"),
-      "observed_nan.npz": (dict(values=x + np.nan, mask=mask),
-                           r"an observed value \(mask True\) is NaN or infinite"),
+    "nomask.npz": (
+      dict(values=x),
+      r"no array mask \(it has values\); expected values "
+      r"f32\[B, T, 3\] and mask bool\[B, T, 3\]",
+    ),
+    "intmask.npz": (
+      dict(values=x, mask=mask.astype(np.int64)),
+      r"mask is int64\[3, 8, 3\]; expected bool\[3, 8, 3\]",
+    ),
+    "rgba.npz": (
+      dict(values=np.zeros((B, T, 4)), mask=np.ones((B, T, 4), bool)),
+      r"values has shape \[3, 8, 4\]; expected values f32\[B, T, 3\]",
+    ),
+    "observed_nan.npz": (
+      dict(values=x + np.nan, mask=mask),
+      r"an observed value \(mask True\) is NaN or infinite",
+    ),
   }
   for name, (arrays, message) in cases.items():
     np.savez(tmp_path / name, **arrays)

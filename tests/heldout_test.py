@@ -34,8 +34,18 @@ def _held_out(name, seed, workdir, monkeypatch):
   return {set_name: [jax.device_get(b) for b in batches] for set_name, batches in sets}
 
 
-@pytest.mark.parametrize("name", ["example_regression", "bert_pretrain", "char_rnn",
-                                  "padded_gru", "feature_mask", "seq2seq", "fcn_segmentation"])
+@pytest.mark.parametrize(
+  "name",
+  [
+    "example_regression",
+    "bert_pretrain",
+    "char_rnn",
+    "padded_gru",
+    "feature_mask",
+    "seq2seq",
+    "fcn_segmentation",
+  ],
+)
 def test_held_out_batches_are_the_same_for_every_training_seed(name, tmp_path, monkeypatch):
   a = _held_out(name, 0, tmp_path / "a", monkeypatch)
   b = _held_out(name, 3, tmp_path / "b", monkeypatch)

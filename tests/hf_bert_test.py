@@ -18,12 +18,31 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 V, B, T, P = 100, 3, 12, 3
-CFG = bert.BertConfig(vocab_size=V, hidden=32, num_layers=2, num_heads=2, intermediate=64,
-                      max_position=16)
-WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "a", "big", "red", "##s", "##ing",
-         "naïve", "über"]
-TOKENS = (list(tokenizer_lib.SPECIAL_TOKENS) + WORDS + [chr(c) for c in range(ord("a"), 123)]
-          + [f"##{chr(c)}" for c in range(ord("a"), 123)])
+CFG = bert.BertConfig(
+  vocab_size=V, hidden=32, num_layers=2, num_heads=2, intermediate=64, max_position=16
+)
+WORDS = [
+  "the",
+  "cat",
+  "sat",
+  "on",
+  "mat",
+  "dog",
+  "ran",
+  "a",
+  "big",
+  "red",
+  "##s",
+  "##ing",
+  "naïve",
+  "über",
+]
+TOKENS = (
+  list(tokenizer_lib.SPECIAL_TOKENS)
+  + WORDS
+  + [chr(c) for c in range(ord("a"), 123)]
+  + [f"##{chr(c)}" for c in range(ord("a"), 123)]
+)
 TOKENS += [f"[unused{i}]" for i in range(V - len(TOKENS))]
 TOL = 1e-4
 
@@ -47,7 +66,8 @@ def params():
   leaves, treedef = jax.tree_util.tree_flatten(p)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   return jax.tree_util.tree_unflatten(
-      treedef, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    treedef, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  )
 
 
 def _maskax_logits(params, config):
@@ -60,8 +80,11 @@ def _hf_logits(model):
   """HF logits at the masked positions (f32[B, P, V]) and NSP logits (f32[B, 2])."""
   ids, segs, mask, positions = _batch()
   with torch.no_grad():
-    out = model.eval()(input_ids=torch.tensor(ids), token_type_ids=torch.tensor(segs),
-                       attention_mask=torch.tensor(mask.astype(np.int64)))
+    out = model.eval()(
+      input_ids=torch.tensor(ids),
+      token_type_ids=torch.tensor(segs),
+      attention_mask=torch.tensor(mask.astype(np.int64)),
+    )
   mlm = out.prediction_logits.numpy()
   return np.take_along_axis(mlm, positions[:, :, None], axis=1), out.seq_relationship_logits.numpy()
 
@@ -72,13 +95,13 @@ def _max_diffs(a, b):
 
 def test_export_loads_in_transformers_with_equal_logits(params, tmp_path):
   hf_bert.export(params, CFG, TOKENS, tmp_path)
-  model, info = transformers.BertForPreTraining.from_pretrained(tmp_path,
-                                                                output_loading_info=True)
+  model, info = transformers.BertForPreTraining.from_pretrained(tmp_path, output_loading_info=True)
   assert {k: list(v) for k, v in info.items()} == {k: [] for k in info}
   assert model.config.hidden_act == "gelu_new" and model.config.layer_norm_eps == 1e-12
   # The reloaded decoder is tied to the embeddings: nothing was dropped or left random.
   assert model.cls.predictions.decoder.weight.data_ptr() == (
-      model.bert.embeddings.word_embeddings.weight.data_ptr())
+    model.bert.embeddings.word_embeddings.weight.data_ptr()
+  )
   mlm_diff, nsp_diff = _max_diffs(_maskax_logits(params, CFG), _hf_logits(model))
   print(f"export: max |mlm diff| = {mlm_diff:.2e}, max |nsp diff| = {nsp_diff:.2e}")
   assert mlm_diff <= TOL and nsp_diff <= TOL
@@ -90,17 +113,24 @@ def test_export_writes_what_save_pretrained_writes(params, tmp_path):
 
   hf_bert.export(params, CFG, TOKENS, tmp_path / "ours")
   config = transformers.BertConfig(**json.loads((tmp_path / "ours/config.json").read_text()))
-  transformers.BertForPreTraining(config).save_pretrained(tmp_path / "theirs",
-                                                          safe_serialization=True)
+  transformers.BertForPreTraining(config).save_pretrained(
+    tmp_path / "theirs", safe_serialization=True
+  )
   ours, theirs = (load_file(tmp_path / d / "model.safetensors") for d in ("ours", "theirs"))
   assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
 
 
 @pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new"])
 def test_import_from_transformers_with_equal_logits(hidden_act, tmp_path):
-  config = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, intermediate_size=64,
-                                   max_position_embeddings=16, hidden_act=hidden_act)
+  config = transformers.BertConfig(
+    vocab_size=V,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=16,
+    hidden_act=hidden_act,
+  )
   torch.manual_seed(0)
   model = transformers.BertForPreTraining(config)
   with torch.no_grad():  # LayerNorms start at 1/0 and biases at 0: make every tensor matter
@@ -112,7 +142,12 @@ def test_import_from_transformers_with_equal_logits(hidden_act, tmp_path):
   params, cfg, vocab = hf_bert.load(tmp_path)
   assert cfg.gelu_approximate == (hidden_act != "gelu")
   assert (cfg.num_layers, cfg.hidden, cfg.num_heads, cfg.intermediate, cfg.max_position) == (
-      2, 32, 2, 64, 16)
+    2,
+    32,
+    2,
+    64,
+    16,
+  )
   assert vocab == TOKENS
   mlm_diff, nsp_diff = _max_diffs(_maskax_logits(params, cfg), _hf_logits(model))
   print(f"import ({hidden_act}): max |mlm diff| = {mlm_diff:.2e}, max |nsp diff| = {nsp_diff:.2e}")
@@ -146,10 +181,19 @@ def test_google_research_config_reads_gelu_as_tanh(params, tmp_path):
   from safetensors.numpy import save_file
 
   _, state = hf_bert.to_hf(params, CFG)
-  google = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                intermediate_size=64, hidden_act="gelu", hidden_dropout_prob=0.1,
-                attention_probs_dropout_prob=0.1, max_position_embeddings=16,
-                type_vocab_size=2, initializer_range=0.02)
+  google = dict(
+    vocab_size=V,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    hidden_act="gelu",
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+    max_position_embeddings=16,
+    type_vocab_size=2,
+    initializer_range=0.02,
+  )
   (tmp_path / "bert_config.json").write_text(json.dumps(google))
   save_file(state, str(tmp_path / "model.safetensors"))
   (tmp_path / "vocab.txt").write_text("".join(t + "\n" for t in TOKENS), encoding="utf-8")
@@ -190,7 +234,9 @@ def _drop_nsp(state):
   return state
 
 
-@pytest.mark.parametrize("edit, match", [
+@pytest.mark.parametrize(
+  "edit, match",
+  [
     (dict(config_json=None), "neither config.json nor bert_config.json"),
     (dict(model_safetensors=None), "model.safetensors does not exist; only model.safetensors"),
     (dict(vocab_txt=None), "vocab.txt is not a file"),
@@ -202,7 +248,8 @@ def _drop_nsp(state):
     (dict(model_safetensors=_reshape), r"intermediate.dense.weight has shape \(32, 64\)"),
     (dict(model_safetensors=_untie), "decoder.weight differs from"),
     (dict(model_safetensors=_drop_nsp), "lacks cls.seq_relationship.weight"),
-])
+  ],
+)
 def test_bad_directory_is_one_clear_line(params, tmp_path, edit, match):
   directory = _write(tmp_path, params, **edit)
   with pytest.raises(ValueError, match=match) as e:

@@ -23,18 +23,25 @@ def _losses(workdir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, expected", [
+@pytest.mark.parametrize(
+  "args, expected",
+  [
     (["--config=experiments/nope.py"], "unknown experiment 'experiments/nope.py'"),
     ([SMOKE.replace(":smoke", ":huge")], "no preset 'huge'. Presets: default, smoke"),
     ([SMOKE, "--config.train.stepz=3"], "stepz"),
     ([SMOKE, "--config.train.steps=many"], "steps"),
     ([SMOKE, "--sweep=train.nope=1,2"], "unknown config key 'train.nope'"),
     ([SMOKE, "--config.train.learning_rate=nan"], "train.learning_rate=nan must be a finite"),
-    (["--config=experiments/char_rnn.py:smoke", "--config.train.steps=-3"],
-     "train.steps=-3 must be an integer"),
-    (["--config=experiments/char_rnn.py:smoke", "--config.train.batch_size=0"],
-     "train.batch_size=0 must be a positive integer"),
-])
+    (
+      ["--config=experiments/char_rnn.py:smoke", "--config.train.steps=-3"],
+      "train.steps=-3 must be an integer",
+    ),
+    (
+      ["--config=experiments/char_rnn.py:smoke", "--config.train.batch_size=0"],
+      "train.batch_size=0 must be a positive integer",
+    ),
+  ],
+)
 def test_bad_input_exits_nonzero_naming_the_problem(args, expected, tmp_path):
   proc = launch(*args, f"--workdir={tmp_path}/w")
   assert proc.returncode != 0
@@ -43,13 +50,18 @@ def test_bad_input_exits_nonzero_naming_the_problem(args, expected, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, expected", [
+@pytest.mark.parametrize(
+  "args, expected",
+  [
     # the bad value sits in the grid's last cell: 2 x 2 cells x 2 seeds, the last of 8 runs
-    (["--sweep=model.hidden=8,16", "--sweep=train.learning_rate=0.01,-1", "--seeds=2"],
-     "train.learning_rate=-1.0 must be a finite number > 0"),
+    (
+      ["--sweep=model.hidden=8,16", "--sweep=train.learning_rate=0.01,-1", "--seeds=2"],
+      "train.learning_rate=-1.0 must be a finite number > 0",
+    ),
     (["--sweep=model.hidden=8,16", "--baseline=model.hidden=32"], "--baseline=model.hidden=32"),
     (["--sweep=model.hidden=8", "--sweep=model.hidden=16"], "'model.hidden' is swept twice"),
-])
+  ],
+)
 def test_every_sweep_run_is_checked_before_the_first_trains(args, expected, tmp_path):
   proc = launch(SMOKE, f"--workdir={tmp_path}/w", *args)
   assert proc.returncode == 1
@@ -98,8 +110,12 @@ def test_any_config_file_runs_from_any_directory(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_resumes_bitwise(tmp_path):
-  common = [SMOKE, "--config.train.steps=12", "--config.train.log_every=1",
-            "--config.train.checkpoint_every=3"]
+  common = [
+    SMOKE,
+    "--config.train.steps=12",
+    "--config.train.log_every=1",
+    "--config.train.checkpoint_every=3",
+  ]
   clean = tmp_path / "clean"
   launch(*common, f"--workdir={clean}", check=True)
   assert os.path.isdir(clean / "checkpoints" / "12"), "final checkpoint missing after return"
@@ -107,9 +123,18 @@ def test_sigkill_then_rerun_resumes_bitwise(tmp_path):
   killed = tmp_path / "killed"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
   proc = subprocess.Popen(
-      [sys.executable, "launch.py", *common, f"--workdir={killed}",
-       "--config.debug.step_delay_s=0.3"], cwd=ROOT, env=env,
-      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    [
+      sys.executable,
+      "launch.py",
+      *common,
+      f"--workdir={killed}",
+      "--config.debug.step_delay_s=0.3",
+    ],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   deadline = time.time() + 120
   while not os.path.isdir(killed / "checkpoints" / "6") and time.time() < deadline:
     time.sleep(0.1)
@@ -137,8 +162,12 @@ def test_nonfinite_step_stops_naming_the_step(tmp_path):
   proc = launch(SMOKE, f"--workdir={tmp_path}/w", "--config.debug.inject_nonfinite_at_step=3")
   assert proc.returncode == 1
   assert "non-finite loss, gradient or update at step(s) [3]" in proc.stderr
-  proc = launch(SMOKE, f"--workdir={tmp_path}/skip", "--config.debug.inject_nonfinite_at_step=3",
-                "--config.train.on_nonfinite=skip")
+  proc = launch(
+    SMOKE,
+    f"--workdir={tmp_path}/skip",
+    "--config.debug.inject_nonfinite_at_step=3",
+    "--config.train.on_nonfinite=skip",
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "step 3: non-finite loss, gradient or update; the update was skipped" in proc.stderr
 
@@ -168,14 +197,16 @@ def test_a_half_finished_sweep_resumes_and_skips_finished_runs(tmp_path):
   assert "sweep run 4/4 (model.hidden=16, seed=1)" in proc.stderr
   assert "sweep run 1/4" not in proc.stderr
   assert "resumed at step 4" in proc.stderr
-  assert {p: ((p / "metrics.jsonl").read_bytes(), sorted(os.listdir(p)))
-          for p in finished} == before  # not run again: no line, no event file, nothing
+  assert {
+    p: ((p / "metrics.jsonl").read_bytes(), sorted(os.listdir(p))) for p in finished
+  } == before  # not run again: no line, no event file, nothing
   assert (partial / "final.json").exists()
   assert [r["step"] for r in progress.read_metrics(partial) if "loss" in r] == [2, 4, 6]
 
 
 def test_topology_is_pinned_on_resume_unless_allowed(tmp_path):
   from maskax import runs
+
   workdir = str(tmp_path)
   config = {"train": {"learning_rate": 0.1, "steps": 5}}
   one = {"process_count": 1, "device_count": 1, "data_workers": 1}

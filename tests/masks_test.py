@@ -23,7 +23,8 @@ def jitted(name, **kw):
 def lengths_arrays(shape=LEAD):
   n = int(np.prod(shape))
   return st.lists(st.integers(0, T), min_size=n, max_size=n).map(
-      lambda v: np.array(v, np.int32).reshape(shape))
+    lambda v: np.array(v, np.int32).reshape(shape)
+  )
 
 
 @PROP
@@ -40,8 +41,9 @@ def test_sequence_mask_lengths_round_trip(lengths):
 
 def test_sequence_mask_any_leading_dims():
   assert masks.sequence_mask(np.int32(2), 4).tolist() == [True, True, False, False]
-  np.testing.assert_array_equal(masks.sequence_mask(np.zeros((1, 2, 1), np.int32), 3),
-                                np.zeros((1, 2, 1, 3), bool))
+  np.testing.assert_array_equal(
+    masks.sequence_mask(np.zeros((1, 2, 1), np.int32), 3), np.zeros((1, 2, 1, 3), bool)
+  )
 
 
 @PROP
@@ -57,8 +59,9 @@ def test_non_right_padded_mask_names_first_bad_row(lengths, data):
     masks.lengths_from_mask(mask, check_right_padded=True)
   # Without the check (or under jit, where values are unknown) it just counts.
   np.testing.assert_array_equal(masks.lengths_from_mask(mask), mask.sum(-1))
-  np.testing.assert_array_equal(jitted("lengths_from_mask", check_right_padded=True)(mask),
-                                mask.sum(-1))
+  np.testing.assert_array_equal(
+    jitted("lengths_from_mask", check_right_padded=True)(mask), mask.sum(-1)
+  )
 
 
 def test_first_offending_row_is_reported():
@@ -83,14 +86,19 @@ def test_check_lengths_out_of_range_and_dtype():
 
 
 def test_mask_from_value_all_features_rule():
-  x = np.array([
+  x = np.array(
+    [
       [[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [5.0, 5.0]],
       [[5.0, 5.0], [5.0, 0.0], [0.0, 0.0], [0.0, 0.0]],
-  ], np.float32)
-  np.testing.assert_array_equal(masks.mask_from_value(x),
-                                [[False, True, True, True], [True, True, False, False]])
-  np.testing.assert_array_equal(masks.mask_from_value(x, 5.0),
-                                [[True, True, True, False], [False, True, True, True]])
+    ],
+    np.float32,
+  )
+  np.testing.assert_array_equal(
+    masks.mask_from_value(x), [[False, True, True, True], [True, True, False, False]]
+  )
+  np.testing.assert_array_equal(
+    masks.mask_from_value(x, 5.0), [[True, True, True, False], [False, True, True, True]]
+  )
   np.testing.assert_array_equal(jitted("mask_from_value")(x), masks.mask_from_value(x))
 
 
@@ -126,8 +134,9 @@ def test_step_mask_from_feature_mask_rules(seed):
   for rule, ref in (("any", fmask.any(-1)), ("all", fmask.all(-1))):
     np.testing.assert_array_equal(masks.step_mask_from_feature_mask(fmask, rule=rule), ref)
     np.testing.assert_array_equal(jitted("step_mask_from_feature_mask", rule=rule)(fmask), ref)
-  np.testing.assert_array_equal(masks.step_mask_from_feature_mask(fmask),
-                                masks.step_mask_from_feature_mask(fmask, rule="any"))
+  np.testing.assert_array_equal(
+    masks.step_mask_from_feature_mask(fmask), masks.step_mask_from_feature_mask(fmask, rule="any")
+  )
 
 
 def test_step_mask_from_feature_mask_bad_args():

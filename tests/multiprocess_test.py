@@ -34,8 +34,11 @@ def _wait_all(procs, timeout=TIMEOUT_S):
 
 
 def _logs(log_dir):
-  return "\n".join(f"--- {name}\n" + (log_dir / name).read_text()[-3000:]
-                   for name in sorted(os.listdir(log_dir)) if name.endswith(".log"))
+  return "\n".join(
+    f"--- {name}\n" + (log_dir / name).read_text()[-3000:]
+    for name in sorted(os.listdir(log_dir))
+    if name.endswith(".log")
+  )
 
 
 def _wait_for_steps(workdir, steps, procs, timeout=TIMEOUT_S):
@@ -61,24 +64,25 @@ def two_process_run(tmp_path_factory):
   return base / "run"
 
 
-def test_two_processes_equal_one_process_with_two_devices(two_process_run, reference_losses,
-                                                          tmp_path):
+def test_two_processes_equal_one_process_with_two_devices(
+  two_process_run, reference_losses, tmp_path
+):
   losses = read_losses(two_process_run)
   assert losses == reference_losses  # bitwise
   one_device = tmp_path / "one_device"
   launch(*SMOKE20, f"--workdir={one_device}", devices=1, check=True)
   single = read_losses(one_device)
   assert sorted(single) == sorted(losses)
-  np.testing.assert_allclose([losses[s] for s in sorted(losses)],
-                             [single[s] for s in sorted(single)], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    [losses[s] for s in sorted(losses)], [single[s] for s in sorted(single)], rtol=1e-6, atol=1e-6
+  )
   # Both processes wrote their shards into the one checkpoint folder.
   final = two_process_run / "checkpoints" / "20" / "state"
   assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(final))
 
 
 def test_resume_with_another_process_count_stops_with_a_diff(two_process_run):
-  proc = launch(*SMOKE20, f"--workdir={two_process_run}", "--config.train.steps=22",
-                devices=1)
+  proc = launch(*SMOKE20, f"--workdir={two_process_run}", "--config.train.steps=22", devices=1)
   assert proc.returncode == 1, proc.stderr[-2000:]
   assert "topology.process_count: 2 -> 1" in proc.stderr
   assert "--allow_config_change" in proc.stderr
@@ -86,9 +90,15 @@ def test_resume_with_another_process_count_stops_with_a_diff(two_process_run):
 
 def test_sigkill_of_one_process_ends_the_other_quickly(tmp_path):
   workdir = tmp_path / "run"
-  procs = spawn_processes(*SMOKE20, f"--workdir={workdir}", "--config.train.steps=200",
-                          "--config.debug.step_delay_s=0.2", n=2, log_dir=tmp_path,
-                          heartbeat_s=5)
+  procs = spawn_processes(
+    *SMOKE20,
+    f"--workdir={workdir}",
+    "--config.train.steps=200",
+    "--config.debug.step_delay_s=0.2",
+    n=2,
+    log_dir=tmp_path,
+    heartbeat_s=5,
+  )
   _wait_for_steps(workdir, 3, procs)
   procs[1].send_signal(signal.SIGKILL)
   killed_at = time.time()

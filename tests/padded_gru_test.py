@@ -22,8 +22,9 @@ SMOKE = "--config=experiments/padded_gru.py:smoke"
 
 
 def _model(variant):
-  return padded_gru.PaddedGRUClassifier(pg.VARIANTS[variant], hidden=8, conv_layers=2,
-                                        conv_features=4, conv_kernel=3)
+  return padded_gru.PaddedGRUClassifier(
+    pg.VARIANTS[variant], hidden=8, conv_layers=2, conv_features=4, conv_kernel=3
+  )
 
 
 def _padded(x, steps, fill):
@@ -83,8 +84,12 @@ def test_running_statistics_see_padding_only_in_plain_bn(setups):
   means = {}
   for variant in ("fully_masked", "plain_bn"):
     model, params, state, _ = models[variant]
-    means[variant] = [padded_gru.apply(model, params, state, *_padded(x, k * T, 0.0), train=True)[2]
-                      ["batch_stats"]["bn"]["mean"] for k in (1, 4)]
+    means[variant] = [
+      padded_gru.apply(model, params, state, *_padded(x, k * T, 0.0), train=True)[2]["batch_stats"][
+        "bn"
+      ]["mean"]
+      for k in (1, 4)
+    ]
   np.testing.assert_allclose(*means["fully_masked"], atol=1e-6)
   assert float(jnp.max(jnp.abs(means["plain_bn"][0] - means["plain_bn"][1]))) > 1e-3
 
@@ -97,8 +102,9 @@ def test_plain_conv_and_unmasked_read_the_padding(setups):
 
 
 def test_keras_rule_differs_from_lengths_exactly_on_real_zero_steps():
-  seqs = synthetic.drift_recall_sequences(np.random.default_rng(3), 64, max_length=40,
-                                          blackout_prob=0.5, blackout_max=3)
+  seqs = synthetic.drift_recall_sequences(
+    np.random.default_rng(3), 64, max_length=40, blackout_prob=0.5, blackout_max=3
+  )
   explicit = np.asarray(masks.sequence_mask(seqs["lengths"], 40))
   keras = np.asarray(masks.mask_from_value(seqs["x"]))
   t = np.arange(40)[None]
@@ -112,8 +118,9 @@ def test_keras_rule_differs_from_lengths_exactly_on_real_zero_steps():
   # A trailing blackout makes the Keras mask a shorter sequence, not a hole.
   trailing = seqs["blackout_start"] + seqs["blackout_steps"] == seqs["lengths"]
   np.testing.assert_array_equal(
-      masks.lengths_from_mask(jnp.asarray(keras))[trailing & rows],
-      (seqs["lengths"] - seqs["blackout_steps"])[trailing & rows])
+    masks.lengths_from_mask(jnp.asarray(keras))[trailing & rows],
+    (seqs["lengths"] - seqs["blackout_steps"])[trailing & rows],
+  )
 
 
 def test_loss_counts_valid_steps_only_when_masked(setups):
@@ -138,8 +145,12 @@ def test_eval_sums_count_real_rows_and_see_no_drift_when_fully_masked(setups):
   x, models = setups
   x_pad, _ = _padded(x, T, 0.0)
   labels = np.random.default_rng(4).integers(0, pg.CLASSES, size=(B, T)).astype(np.int32)
-  batch = {"x": x_pad, "labels": labels, "lengths": LENGTHS,
-           "valid": np.array([True, True, True, False])}
+  batch = {
+    "x": x_pad,
+    "labels": labels,
+    "lengths": LENGTHS,
+    "valid": np.array([True, True, True, False]),
+  }
   final = labels[np.arange(B), LENGTHS - 1]
   for variant in ("fully_masked", "unmasked"):
     model, params, state, predict = models[variant]
@@ -188,8 +199,11 @@ def trained_smoke(tmp_path_factory):
 def _csv(path, x, lengths):
   """The .csv layout of maskax.data.user_files: a header, then `id,f0,...` per valid step."""
   lines = ["sequence," + ",".join(f"f{i}" for i in range(x.shape[2]))]
-  lines += [f"s{b}," + ",".join(repr(float(v)) for v in x[b, t])
-            for b, n in enumerate(lengths) for t in range(n)]
+  lines += [
+    f"s{b}," + ",".join(repr(float(v)) for v in x[b, t])
+    for b, n in enumerate(lengths)
+    for t in range(n)
+  ]
   path.write_text("\n".join(lines) + "\n")
   return str(path)
 
@@ -200,13 +214,20 @@ def test_predict_classifies_npz_and_csv_alike(trained_smoke, tmp_path):
   np.savez(tmp_path / "seqs.npz", x=x, lengths=LENGTHS)
   # 20 more steps of NaN: values past a length are never read, and the fully masked smoke
   # model's predictions ignore the amount of padding.
-  np.savez(tmp_path / "padded.npz", x=np.pad(x, ((0, 0), (0, 20), (0, 0)),
-                                              constant_values=np.nan), lengths=LENGTHS)
-  inputs = [str(tmp_path / "seqs.npz"), str(tmp_path / "padded.npz"),
-            _csv(tmp_path / "rows.csv", x, LENGTHS)]
+  np.savez(
+    tmp_path / "padded.npz",
+    x=np.pad(x, ((0, 0), (0, 20), (0, 0)), constant_values=np.nan),
+    lengths=LENGTHS,
+  )
+  inputs = [
+    str(tmp_path / "seqs.npz"),
+    str(tmp_path / "padded.npz"),
+    _csv(tmp_path / "rows.csv", x, LENGTHS),
+  ]
   out = pg.predict(config, workdir, inputs, out_dir=str(tmp_path / "out"))
   assert [(o["input"], o["rows"], o["steps"]) for o in out] == list(
-      zip(inputs, [B] * 3, [T, T + 20, T]))
+    zip(inputs, [B] * 3, [T, T + 20, T])
+  )
   preds = [np.load(o["output"]) for o in out]
   probs, classes = preds[0]["probs"], preds[0]["classes"]
   assert probs.shape == (B, pg.CLASSES) and np.allclose(probs.sum(-1), 1.0)
@@ -218,27 +239,33 @@ def test_predict_classifies_npz_and_csv_alike(trained_smoke, tmp_path):
 
 def test_predict_input_errors_are_one_line(trained_smoke, tmp_path):
   config, workdir = trained_smoke
-  run = lambda name: pg.predict(config, workdir, [str(tmp_path / name)],
-                                out_dir=str(tmp_path / "out"))
+  run = lambda name: pg.predict(
+    config, workdir, [str(tmp_path / name)], out_dir=str(tmp_path / "out")
+  )
   x = np.zeros((2, 5, F), np.float32)
   cases = {
-      "nolen.npz": (dict(x=x), r"no array lengths \(it has x\); expected x f32\[B, T, 4\] "
-                    r"and lengths i32\[B\]"),
-      "f3.npz": (dict(x=x[..., :3], lengths=[5, 5]), r"x has shape \[2, 5, 3\]; expected x"),
-      "long.npz": (dict(x=x, lengths=[5, 6]), r"lengths must lie in \[1, 5\] \(T\), got 5..6"),
-      "nan.npz": (dict(x=x + np.nan, lengths=[5, 1]), "x holds NaN or infinite values within"),
+    "nolen.npz": (
+      dict(x=x),
+      r"no array lengths \(it has x\); expected x f32\[B, T, 4\] "
+      r"and lengths i32\[B\]",
+    ),
+    "f3.npz": (dict(x=x[..., :3], lengths=[5, 5]), r"x has shape \[2, 5, 3\]; expected x"),
+    "long.npz": (dict(x=x, lengths=[5, 6]), r"lengths must lie in \[1, 5\] \(T\), got 5..6"),
+    "nan.npz": (dict(x=x + np.nan, lengths=[5, 1]), "x holds NaN or infinite values within"),
   }
   for name, (arrays, message) in cases.items():
     np.savez(tmp_path / name, **arrays)
     with pytest.raises(ValueError, match=f"{name}: {message}"):
       run(name)
   texts = {
-      "junk.npz": ("PK not a zip", "not a readable .npz file"),
-      "cols.csv": ("s,a,b\ns,1,2\n", "cols.csv:2: 3 columns; expected the sequence id and 4"),
-      "split.csv": ("s,a,b,c,d\ns,1,2,3,4\nt,1,2,3,4\ns,1,2,3,4\n",
-                    "split.csv:4: sequence 's' continues after another one"),
-      "blank.csv": ("s,a,b,c,d\ns,1,,3,4\n", "blank.csv:2: a feature value is empty"),
-      "empty.csv": ("s,a,b,c,d\n", "empty.csv: no data lines after the header"),
+    "junk.npz": ("PK not a zip", "not a readable .npz file"),
+    "cols.csv": ("s,a,b\ns,1,2\n", "cols.csv:2: 3 columns; expected the sequence id and 4"),
+    "split.csv": (
+      "s,a,b,c,d\ns,1,2,3,4\nt,1,2,3,4\ns,1,2,3,4\n",
+      "split.csv:4: sequence 's' continues after another one",
+    ),
+    "blank.csv": ("s,a,b,c,d\ns,1,,3,4\n", "blank.csv:2: a feature value is empty"),
+    "empty.csv": ("s,a,b,c,d\n", "empty.csv: no data lines after the header"),
   }
   for name, (text, message) in texts.items():
     (tmp_path / name).write_text(text)

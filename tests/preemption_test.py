@@ -46,10 +46,8 @@ def _wait_for(condition, proc, timeout=240):
 @pytest.mark.slow
 def test_sigterm_saves_exits_zero_and_resume_recomputes_nothing(tmp_path, reference_losses):
   workdir = tmp_path / "run"
-  proc = spawn(*SMOKE20, f"--workdir={workdir}", SLOW, log_path=tmp_path / "first.log",
-               devices=2)
-  _wait_for(lambda: (workdir / "metrics.jsonl").exists()
-            and len(read_losses(workdir)) >= 7, proc)
+  proc = spawn(*SMOKE20, f"--workdir={workdir}", SLOW, log_path=tmp_path / "first.log", devices=2)
+  _wait_for(lambda: (workdir / "metrics.jsonl").exists() and len(read_losses(workdir)) >= 7, proc)
   proc.send_signal(signal.SIGTERM)
   sent = time.time()
   assert proc.wait(timeout=30) == 0, (tmp_path / "first.log").read_text()[-3000:]
@@ -65,12 +63,18 @@ def test_sigterm_saves_exits_zero_and_resume_recomputes_nothing(tmp_path, refere
 
 
 @pytest.mark.slow
-def test_sigkill_during_async_save_resumes_from_the_previous_commit(tmp_path,
-                                                                    reference_losses):
+def test_sigkill_during_async_save_resumes_from_the_previous_commit(tmp_path, reference_losses):
   workdir, marker = tmp_path / "run", tmp_path / "holding"
   env = {"HOLD_STEP": "10", "HOLD_MARKER": str(marker)}
-  proc = spawn(*SMOKE20, f"--workdir={workdir}", SLOW, log_path=tmp_path / "first.log",
-               devices=2, env=env, python_args=("-c", HOLD_COMMIT))
+  proc = spawn(
+    *SMOKE20,
+    f"--workdir={workdir}",
+    SLOW,
+    log_path=tmp_path / "first.log",
+    devices=2,
+    env=env,
+    python_args=("-c", HOLD_COMMIT),
+  )
   _wait_for(marker.exists, proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
@@ -95,10 +99,10 @@ def test_stop_signal_sets_its_flag_and_restores_the_handler():
   assert signal.getsignal(signal.SIGTERM) is before
 
 
-
 def _tiny_task(signal_at: int = -1):
   """A 2-parameter regression whose data pipeline sends SIGTERM to this process at batch
   `signal_at` (as a scheduler would, from outside)."""
+
   def make(rng, n):
     x = rng.normal(size=(n, 2)).astype(np.float32)
     return {"x": x, "y": (x @ np.float32([1.5, -2.0]))[:, None]}
@@ -113,8 +117,12 @@ def _tiny_task(signal_at: int = -1):
     err = jnp.sum((batch["x"] @ params["w"] - batch["y"]) ** 2)
     return {"mse": (err, jnp.float32(batch["x"].shape[0]))}, {}, model_state
 
-  return train.Task(init=lambda key: ({"w": jnp.zeros((2, 1))}, {}), loss=loss,
-                    optimizer=optax.sgd(0.1), train_data=Signalling(make, 8, 0))
+  return train.Task(
+    init=lambda key: ({"w": jnp.zeros((2, 1))}, {}),
+    loss=loss,
+    optimizer=optax.sgd(0.1),
+    train_data=Signalling(make, 8, 0),
+  )
 
 
 def test_in_process_preemption_resumes_with_identical_metrics(tmp_path):
@@ -126,7 +134,9 @@ def test_in_process_preemption_resumes_with_identical_metrics(tmp_path):
   assert os.listdir(tmp_path / "run" / "checkpoints") == [str(step)]
   train.train(_tiny_task(), options, str(tmp_path / "run"), seed=0)
   train.train(_tiny_task(), options, str(tmp_path / "clean"), seed=0)
-  strip = lambda records: [{k: v for k, v in r.items() if k not in ("time", "steps_per_s")}
-                           for r in records]
-  assert (strip(progress.read_metrics(tmp_path / "run"))
-          == strip(progress.read_metrics(tmp_path / "clean")))
+  strip = lambda records: [
+    {k: v for k, v in r.items() if k not in ("time", "steps_per_s")} for r in records
+  ]
+  assert strip(progress.read_metrics(tmp_path / "run")) == strip(
+    progress.read_metrics(tmp_path / "clean")
+  )

@@ -53,8 +53,11 @@ def _read_all(folder) -> list:
 
 
 def _shard_bytes(folder) -> dict:
-  return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))
-          if f.endswith(".bin")}
+  return {
+    f: open(os.path.join(folder, f), "rb").read()
+    for f in sorted(os.listdir(folder))
+    if f.endswith(".bin")
+  }
 
 
 def test_documents_equal_the_in_memory_path(tmp_path, text_file, vocab, reference):
@@ -78,8 +81,9 @@ def test_json_lines(tmp_path, vocab):
     for text in texts:
       f.write(json.dumps({"id": 1, "body": text}) + "\n\n")  # Blank lines are skipped.
   prepare.prepare([str(path)], tmp_path / "out", vocab, json_field="body")
-  expected = bert_data.tokenize_documents([corpus.split_sentences(t) for t in texts],
-                                          tk.load(vocab))
+  expected = bert_data.tokenize_documents(
+    [corpus.split_sentences(t) for t in texts], tk.load(vocab)
+  )
   assert _read_all(tmp_path / "out") == expected
   with pytest.raises(ValueError, match=r"docs\.jsonl\.gz.*'text'"):
     prepare.prepare([str(path)], tmp_path / "bad", vocab)
@@ -92,15 +96,19 @@ def test_same_data_whatever_workers_hosts_and_file_splits(tmp_path, text_file, v
   two = prepare.prepare([text_file], tmp_path / "two", vocab, split_mb=0.04, num_workers=2)
   assert two["manifest"]["fingerprint"] == one["fingerprint"]
   assert _shard_bytes(tmp_path / "two") == _shard_bytes(tmp_path / "one")
-  hosts = [prepare.prepare([text_file], tmp_path / "hosts", vocab, split_mb=0.04,
-                           shard_index=i, shard_count=2) for i in (0, 1)]
+  hosts = [
+    prepare.prepare(
+      [text_file], tmp_path / "hosts", vocab, split_mb=0.04, shard_index=i, shard_count=2
+    )
+    for i in (0, 1)
+  ]
   assert hosts[0]["manifest"] is None  # Host 1 still had units to do.
   assert hosts[1]["manifest"]["fingerprint"] == one["fingerprint"]
   # The same documents split over files in a folder, read through a glob and a folder.
   docs = _documents()
   (tmp_path / "parts").mkdir()
   for i, lo in enumerate(range(0, len(docs), 20)):
-    _write_bert_layout(tmp_path / "parts" / f"part{i:02d}.txt", docs[lo:lo + 20])
+    _write_bert_layout(tmp_path / "parts" / f"part{i:02d}.txt", docs[lo : lo + 20])
   (tmp_path / "parts" / ".hidden").write_bytes(b"\0")  # Hidden files are not inputs.
   for inputs in ([str(tmp_path / "parts")], [str(tmp_path / "parts" / "part*.txt")]):
     prepare.prepare(inputs, tmp_path / "folder", vocab, num_workers=2)
@@ -133,14 +141,16 @@ def test_interrupted_run_leaves_nothing_complete_and_resumes(tmp_path, vocab):
   out = tmp_path / "out"
   # A run killed (SIGKILL-like os._exit) at its 7th rename: some shards are in place, one unit
   # is half done, no manifest.
-  code = ("import os, sys; from maskax.data import prepare\n"
-          "real, n = os.replace, [0]\n"
-          "def dying(a, b):\n"
-          "  n[0] += 1\n"
-          "  if n[0] == 7: os._exit(9)\n"
-          "  real(a, b)\n"
-          "os.replace = dying\n"
-          f"prepare.prepare({files!r}, {str(out)!r}, {vocab!r}, docs_per_shard=5)\n")
+  code = (
+    "import os, sys; from maskax.data import prepare\n"
+    "real, n = os.replace, [0]\n"
+    "def dying(a, b):\n"
+    "  n[0] += 1\n"
+    "  if n[0] == 7: os._exit(9)\n"
+    "  real(a, b)\n"
+    "os.replace = dying\n"
+    f"prepare.prepare({files!r}, {str(out)!r}, {vocab!r}, docs_per_shard=5)\n"
+  )
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
   assert proc.returncode == 9, proc.stderr
   assert not (out / "manifest.json").exists()
@@ -163,9 +173,19 @@ def test_worker_killed_mid_unit_fails_cleanly_and_resumes(tmp_path, vocab):
   files = [_write_bert_layout(tmp_path / f"{i}.txt", docs[i::6]) for i in range(6)]
   clean = prepare.prepare(files, tmp_path / "clean", vocab)["manifest"]
   out = tmp_path / "out"
-  proc = subprocess.Popen([sys.executable, "-m", "maskax.data.prepare", "--num_workers=2",
-                           f"--output={out}", f"--vocab={vocab}", *(f"--input={f}" for f in files)],
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "maskax.data.prepare",
+      "--num_workers=2",
+      f"--output={out}",
+      f"--vocab={vocab}",
+      *(f"--input={f}" for f in files),
+    ],
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   deadline = time.monotonic() + 60
   while time.monotonic() < deadline:  # SIGKILL the first worker seen writing a shard.
     tmp = [f for f in (os.listdir(out) if out.exists() else []) if ".bin.tmp-" in f]
@@ -181,24 +201,38 @@ def test_worker_killed_mid_unit_fails_cleanly_and_resumes(tmp_path, vocab):
   assert _shard_bytes(out) == _shard_bytes(tmp_path / "clean")
 
 
-@pytest.mark.parametrize("name, content, problem", [
+@pytest.mark.parametrize(
+  "name, content, problem",
+  [
     ("empty.txt", b"", "is empty"),
     ("blank.txt", b"  \n\n \n", "holds no text"),
     ("nul.txt", b"some text\0more", "is binary"),
     ("latin1.txt", "caf\xe9 cr\xe8me\n".encode("latin-1"), "not UTF-8"),
     ("broken.txt.gz", b"\x1f\x8b\x08\x00garbage", "gzip"),
     ("bad.jsonl", b'{"text": "fine"}\nnot json\n', "not JSON"),
-])
-def test_bad_inputs_fail_with_one_line_naming_the_file(tmp_path, vocab, text_file, name, content,
-                                                        problem):
+  ],
+)
+def test_bad_inputs_fail_with_one_line_naming_the_file(
+  tmp_path, vocab, text_file, name, content, problem
+):
   bad = tmp_path / name
   bad.write_bytes(content)
   with pytest.raises(ValueError, match=problem) as error:
     prepare.prepare([text_file, str(bad)], tmp_path / "out", vocab)
   assert str(error.value).startswith(str(bad)) and "\n" not in str(error.value)
-  proc = subprocess.run([sys.executable, "-m", "maskax.data.prepare", f"--input={bad}",
-                         f"--output={tmp_path / 'cli'}", f"--vocab={vocab}", "--num_workers=1"],
-                        capture_output=True, text=True)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "maskax.data.prepare",
+      f"--input={bad}",
+      f"--output={tmp_path / 'cli'}",
+      f"--vocab={vocab}",
+      "--num_workers=1",
+    ],
+    capture_output=True,
+    text=True,
+  )
   assert proc.returncode == 2
   assert proc.stderr.strip().count("\n") == 0 and str(bad) in proc.stderr, proc.stderr
 
@@ -220,5 +254,9 @@ def test_vocab_txt_and_u16_tokens(tmp_path, text_file, vocab):
   prepare.prepare([text_file], tmp_path / "out", str(vocab_txt))
   docs = prepared.PreparedDocs(tmp_path / "out")
   assert docs.shards[0].tokens.dtype == np.uint16
-  assert docs.document(0) == bert_data.tokenize_documents(
-      corpus.load_documents(text_file)[:1], tk.from_vocab_txt(vocab_txt))[0]
+  assert (
+    docs.document(0)
+    == bert_data.tokenize_documents(
+      corpus.load_documents(text_file)[:1], tk.from_vocab_txt(vocab_txt)
+    )[0]
+  )

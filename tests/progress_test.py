@@ -21,11 +21,11 @@ def read_events(path):
     data = f.read()
   events, i = [], 0
   while i < len(data):
-    header = data[i:i + 8]
+    header = data[i : i + 8]
     (length,) = struct.unpack("<Q", header)
-    assert struct.unpack("<I", data[i + 8:i + 12])[0] == masked_crc32c(header)
-    body = data[i + 12:i + 12 + length]
-    assert struct.unpack("<I", data[i + 12 + length:i + 16 + length])[0] == masked_crc32c(body)
+    assert struct.unpack("<I", data[i + 8 : i + 12])[0] == masked_crc32c(header)
+    body = data[i + 12 : i + 12 + length]
+    assert struct.unpack("<I", data[i + 12 + length : i + 16 + length])[0] == masked_crc32c(body)
     events.append(event_pb2.Event.FromString(body))
     i += 16 + length
   return events
@@ -49,8 +49,11 @@ def test_metrics_are_written_as_tensorboard_scalars(tmp_path):
   writer.write(2, {"loss": 0.5, "steps_per_s": 10.0}, elapsed=0.1)
   writer.write(4, {"eval/mse": 0.25}, elapsed=0.2)
   # Readable while the run goes on: every write is flushed, nothing waits for close().
-  assert visible_scalars(tmp_path) == [("loss", 2, 0.5), ("steps_per_s", 2, 10.0),
-                                       ("eval/mse", 4, 0.25)]
+  assert visible_scalars(tmp_path) == [
+    ("loss", 2, 0.5),
+    ("steps_per_s", 2, 10.0),
+    ("eval/mse", 4, 0.25),
+  ]
   writer.close()
   assert [r["step"] for r in progress.read_metrics(tmp_path)] == [2, 4]
 
@@ -64,8 +67,12 @@ def test_a_resume_hides_the_steps_logged_after_the_checkpoint(tmp_path):
   resumed.write(3, {"loss": 30.0}, elapsed=3)
   resumed.write(4, {"loss": 40.0}, elapsed=4)
   assert len(glob.glob(str(tmp_path / "events.out.tfevents.*"))) == 2  # none overwritten
-  assert visible_scalars(tmp_path) == [("loss", 1, 1.0), ("loss", 2, 2.0), ("loss", 3, 30.0),
-                                       ("loss", 4, 40.0)]
+  assert visible_scalars(tmp_path) == [
+    ("loss", 1, 1.0),
+    ("loss", 2, 2.0),
+    ("loss", 3, 30.0),
+    ("loss", 4, 40.0),
+  ]
   assert [r["loss"] for r in progress.read_metrics(tmp_path)] == [1.0, 2.0, 30.0, 40.0]
 
 

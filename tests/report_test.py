@@ -20,8 +20,9 @@ T2 = 4.302653  # t_{0.975, df=2}
 def _fake_sweep(root, *, unfinished=()):
   axes, seeds = [("model.hidden", [8, 16])], [0, 1, 2]
   runs = sweep.plan(axes, seeds)
-  sweep.write_manifest(str(root), axes, seeds, runs, baseline="model.hidden=8",
-                       metrics=["eval/mse"])
+  sweep.write_manifest(
+    str(root), axes, seeds, runs, baseline="model.hidden=8", metrics=["eval/mse"]
+  )
   for r in runs:
     workdir = root / r.dirname
     workdir.mkdir()
@@ -79,8 +80,7 @@ def test_a_folder_without_manifest_is_read_from_its_run_folders(tmp_path):
   runs = _fake_sweep(tmp_path)
   os.remove(tmp_path / sweep.MANIFEST_FILE)
   manifest, finals = report.load_sweep(str(tmp_path))
-  assert {(r["cell"], r["seed"]) for r in manifest["runs"]} == {
-      (r.cell_name, r.seed) for r in runs}
+  assert {(r["cell"], r["seed"]) for r in manifest["runs"]} == {(r.cell_name, r.seed) for r in runs}
   assert all(f is not None for f in finals.values())
 
 
@@ -92,8 +92,12 @@ def test_report_cli_on_a_folder_with_nothing_to_report_fails_in_one_line(tmp_pat
   if make == "foreign":
     (target / "notes.txt").write_text("hello")
     (target / "sub").mkdir()
-  proc = subprocess.run([sys.executable, "-m", "maskax.report", str(target)],
-                        capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-m", "maskax.report", str(target)],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 1
   assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
   assert str(target) in proc.stderr

@@ -26,10 +26,16 @@ def _task():
     count = model_state["seen"] + batch["x"].shape[0]
     return {"mse": (err, jnp.float32(batch["x"].shape[0]))}, {}, {"seen": count}
 
-  init = lambda key: ({"w": jax.random.normal(key, (2, 1)), "b": jnp.zeros((1,))},
-                      {"seen": jnp.zeros((), jnp.float32)})
-  return train.Task(init=init, loss=loss, optimizer=optax.adam(0.1),
-                    train_data=iterators.SyntheticBatches(make, 8, 0))
+  init = lambda key: (
+    {"w": jax.random.normal(key, (2, 1)), "b": jnp.zeros((1,))},
+    {"seen": jnp.zeros((), jnp.float32)},
+  )
+  return train.Task(
+    init=init,
+    loss=loss,
+    optimizer=optax.adam(0.1),
+    train_data=iterators.SyntheticBatches(make, 8, 0),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +51,10 @@ def test_restores_the_final_parameters_and_model_state_bitwise(trained):
   workdir, state = trained
   got = restore.restore_params(workdir)
   assert got.step == 6 and got.config == {"seed": 0, "train": {"steps": 6}}
-  for a, b in zip(jax.tree.leaves((got.params, got.model_state)),
-                  jax.tree.leaves((state.params, state.model_state))):
+  for a, b in zip(
+    jax.tree.leaves((got.params, got.model_state)),
+    jax.tree.leaves((state.params, state.model_state)),
+  ):
     assert isinstance(a, np.ndarray) and np.array_equal(a, b)
   assert float(got.model_state["seen"]) == 6 * 8
 
@@ -73,6 +81,7 @@ def test_an_older_step_can_be_chosen(trained):
 def test_the_config_survives_a_deleted_config_json(trained, tmp_path):
   workdir, _ = trained
   import shutil
+
   copy = tmp_path / "copy"
   shutil.copytree(workdir, copy)
   os.remove(copy / runs.CONFIG_FILE)
@@ -88,6 +97,7 @@ def test_missing_checkpoint_and_step_are_clear_errors(trained, tmp_path):
 
 def test_damaged_parameters_fail_their_checksum(trained, tmp_path):
   import shutil
+
   copy = tmp_path / "copy"
   shutil.copytree(trained[0], copy)
   for root, _, files in os.walk(copy / "checkpoints" / "6" / "state"):

@@ -1,7 +1,6 @@
 """Resume bookkeeping that a kill cannot break: every kept checkpoint verifies, a torn metrics
 line is repaired, and the config a resume is checked against travels inside each checkpoint."""
 
-import json
 import os
 import signal
 import time
@@ -40,14 +39,17 @@ def test_a_bad_line_in_the_middle_names_the_file_and_line(tmp_path):
     progress.read_metrics(tmp_path)
 
 
-@pytest.mark.parametrize("key, value, expected", [
+@pytest.mark.parametrize(
+  "key, value, expected",
+  [
     ("train.learning_rate", float("nan"), "train.learning_rate=nan must be a finite number > 0"),
     ("train.learning_rate", float("inf"), "train.learning_rate=inf must be"),
     ("train.learning_rate", 0.0, "train.learning_rate=0.0 must be"),
     ("train.steps", -3, "train.steps=-3 must be an integer"),
     ("train.batch_size", 0, "train.batch_size=0 must be a positive integer"),
     ("train.warmup_steps", -1, "train.warmup_steps=-1 must be an integer >= 0"),
-])
+  ],
+)
 def test_values_no_run_can_use_are_refused_naming_the_key(key, value, expected):
   config = {"train": {"learning_rate": 1e-3, "steps": 10, "batch_size": 8, "warmup_steps": 2}}
   runs.check_values(config)
@@ -67,8 +69,9 @@ def test_config_json_deleted_then_a_changed_config_is_refused_with_a_diff(tmp_pa
   workdir = tmp_path / "w"
   launch(SMOKE, f"--workdir={workdir}", check=True)
   os.remove(workdir / runs.CONFIG_FILE)
-  proc = launch(SMOKE, f"--workdir={workdir}", "--config.seed=3",
-                "--config.train.learning_rate=0.01")
+  proc = launch(
+    SMOKE, f"--workdir={workdir}", "--config.seed=3", "--config.train.learning_rate=0.01"
+  )
   assert proc.returncode == 1
   assert "(the config saved in checkpoint 6)" in proc.stderr, proc.stderr[-2000:]
   assert "  seed: 0 -> 3" in proc.stderr and "train.learning_rate: 0.003 -> 0.01" in proc.stderr
@@ -95,20 +98,34 @@ def test_saving_every_step_while_the_loop_runs_keeps_every_checkpoint_intact(tmp
   # char_rnn's loop is quick enough that, before saves took snapshots, 14 of these 60
   # checkpoints had a loop item that no longer matched its checksum.
   workdir = tmp_path / "run"
-  launch("--config=experiments/char_rnn.py:smoke", "--config.train.steps=60",
-         "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=100",
-         "--config.train.log_every=5", f"--workdir={workdir}", check=True)
+  launch(
+    "--config=experiments/char_rnn.py:smoke",
+    "--config.train.steps=60",
+    "--config.train.checkpoint_every=1",
+    "--config.train.keep_checkpoints=100",
+    "--config.train.log_every=5",
+    f"--workdir={workdir}",
+    check=True,
+  )
   assert _verify_every_kept_checkpoint(workdir) == list(range(1, 61))
 
 
 @pytest.mark.slow
 def test_saving_every_step_then_a_kill_resumes_bitwise(tmp_path, reference_losses):
   workdir = tmp_path / "run"
-  proc = spawn(*EVERY_STEP, f"--workdir={workdir}", "--config.debug.step_delay_s=0.15",
-               log_path=tmp_path / "first.log", devices=2)
+  proc = spawn(
+    *EVERY_STEP,
+    f"--workdir={workdir}",
+    "--config.debug.step_delay_s=0.15",
+    log_path=tmp_path / "first.log",
+    devices=2,
+  )
   deadline = time.time() + 240
-  while time.time() < deadline and proc.poll() is None and not (
-      (workdir / "metrics.jsonl").exists() and len(read_losses(workdir)) >= 12):
+  while (
+    time.time() < deadline
+    and proc.poll() is None
+    and not ((workdir / "metrics.jsonl").exists() and len(read_losses(workdir)) >= 12)
+  ):
     time.sleep(0.02)
   proc.send_signal(signal.SIGKILL)
   proc.wait()

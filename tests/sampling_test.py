@@ -14,9 +14,7 @@ from hypothesis import given, settings, strategies as st
 from maskax import sampling
 
 V, D = 8, 6
-PROMPT = np.array([[3, 1, 4, 1, 5],
-                   [2, 7, 0, 0, 0],
-                   [6, 5, 3, 0, 0]], np.int32)
+PROMPT = np.array([[3, 1, 4, 1, 5], [2, 7, 0, 0, 0], [6, 5, 3, 0, 0]], np.int32)
 LENGTHS = np.array([5, 2, 3], np.int32)
 BANNED = np.isin(np.arange(V), [0, 3])
 
@@ -26,6 +24,7 @@ def toy_apply(params, tokens, lengths, carry):
 
   tokens: i32[B, T]; lengths: i32[B]; carry: f32[B, D]. Returns (f32[B, T, V], f32[B, D]).
   """
+
   def step(h, token_and_t):
     token_B, t = token_and_t
     valid = (t < lengths)[:, None]
@@ -39,8 +38,12 @@ def toy_apply(params, tokens, lengths, carry):
 @pytest.fixture(scope="module")
 def model():
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-  params = {"emb": jax.random.normal(k1, (V, D)), "rec": jax.random.normal(k2, (D, D)) * 0.6,
-            "out": jax.random.normal(k3, (D, V)) * 1.5, "bias": jnp.zeros(V)}
+  params = {
+    "emb": jax.random.normal(k1, (V, D)),
+    "rec": jax.random.normal(k2, (D, D)) * 0.6,
+    "out": jax.random.normal(k3, (D, V)) * 1.5,
+    "bias": jnp.zeros(V),
+  }
   gen = jax.jit(sampling.generate, static_argnums=(0, 5), static_argnames=("top_k",))
   return params, functools.partial(gen, toy_apply, params)
 
@@ -71,17 +74,23 @@ def test_returned_carry_excludes_last_token(model):
   tokens, carry = gen(PROMPT, LENGTHS, _zeros(3), 5, jax.random.key(1))
   packed = np.zeros((3, PROMPT.shape[1] + 4), np.int32)  # each prompt, then tokens 1..4
   for b, length in enumerate(LENGTHS):
-    packed[b, :length + 4] = np.concatenate([PROMPT[b, :length], tokens[b, :4]])
+    packed[b, : length + 4] = np.concatenate([PROMPT[b, :length], tokens[b, :4]])
   _, want = toy_apply(params, packed, LENGTHS + 4, _zeros(3))
   np.testing.assert_allclose(carry, want, rtol=1e-5, atol=1e-6)
 
 
 def test_ragged_prompts_greedy_equal_each_prompt_alone(model):
   _, gen = model
-  tokens, _ = gen(PROMPT, LENGTHS, _zeros(3), 6, jax.random.key(0), temperature=0.)
+  tokens, _ = gen(PROMPT, LENGTHS, _zeros(3), 6, jax.random.key(0), temperature=0.0)
   for b, length in enumerate(LENGTHS):
-    alone, _ = gen(PROMPT[b:b + 1, :length], LENGTHS[b:b + 1], _zeros(1), 6, jax.random.key(0),
-                   temperature=0.)
+    alone, _ = gen(
+      PROMPT[b : b + 1, :length],
+      LENGTHS[b : b + 1],
+      _zeros(1),
+      6,
+      jax.random.key(0),
+      temperature=0.0,
+    )
     np.testing.assert_array_equal(alone[0], tokens[b])
 
 
@@ -108,13 +117,16 @@ def test_row_keys_make_a_rows_sample_independent_of_its_batch(model, options):
   keys = sampling.row_keys(jax.random.key(3), 3)
   tokens, _ = gen(PROMPT, LENGTHS, _zeros(3), 10, keys, **options)
   for b, length in enumerate(LENGTHS):
-    alone, _ = gen(PROMPT[b:b + 1, :length], LENGTHS[b:b + 1], _zeros(1), 10, keys[b:b + 1],
-                   **options)
+    alone, _ = gen(
+      PROMPT[b : b + 1, :length], LENGTHS[b : b + 1], _zeros(1), 10, keys[b : b + 1], **options
+    )
     np.testing.assert_array_equal(alone[0], tokens[b])
   key = jax.random.key(3)
   shared, _ = gen(PROMPT, LENGTHS, _zeros(3), 10, key, **options)
-  shared_alone = [gen(PROMPT[b:b + 1, :n], LENGTHS[b:b + 1], _zeros(1), 10, key, **options)[0][0]
-                  for b, n in enumerate(LENGTHS)]
+  shared_alone = [
+    gen(PROMPT[b : b + 1, :n], LENGTHS[b : b + 1], _zeros(1), 10, key, **options)[0][0]
+    for b, n in enumerate(LENGTHS)
+  ]
   # The shared-key draw depends on the batch: some row differs from its run alone.
   assert any(not np.array_equal(a, row) for a, row in zip(shared_alone, shared))
   with pytest.raises(ValueError, match="2 row keys for 3 rows"):
@@ -125,8 +137,9 @@ def test_same_key_same_tokens_jit_equals_eager(model):
   params, gen = model
   options = dict(temperature=1.5, top_k=3)
   run = lambda seed: gen(PROMPT, LENGTHS, _zeros(3), 12, jax.random.key(seed), **options)[0]
-  eager, _ = sampling.generate(toy_apply, params, PROMPT, LENGTHS, _zeros(3), 12,
-                               jax.random.key(5), **options)
+  eager, _ = sampling.generate(
+    toy_apply, params, PROMPT, LENGTHS, _zeros(3), 12, jax.random.key(5), **options
+  )
   np.testing.assert_array_equal(run(5), eager)
   np.testing.assert_array_equal(run(5), run(5))
   assert not np.array_equal(run(6), eager)
@@ -134,32 +147,32 @@ def test_same_key_same_tokens_jit_equals_eager(model):
 
 def test_banned_tokens_never_generated(model):
   _, gen = model
-  free, _ = gen(PROMPT, LENGTHS, _zeros(3), 40, jax.random.key(3), temperature=3.)
+  free, _ = gen(PROMPT, LENGTHS, _zeros(3), 40, jax.random.key(3), temperature=3.0)
   assert np.isin(free, np.flatnonzero(BANNED)).any()  # they would appear without the ban
-  tokens, _ = gen(PROMPT, LENGTHS, _zeros(3), 40, jax.random.key(3), temperature=3.,
-                  banned=BANNED)
+  tokens, _ = gen(PROMPT, LENGTHS, _zeros(3), 40, jax.random.key(3), temperature=3.0, banned=BANNED)
   assert not np.isin(tokens, np.flatnonzero(BANNED)).any()
 
 
 def test_generate_rejects_bad_input(model):
   params, _ = model
   with pytest.raises(ValueError, match="prompt_lengths"):
-    sampling.generate(toy_apply, params, PROMPT, np.array([5, 0, 3]), _zeros(3), 4,
-                      jax.random.key(0))
+    sampling.generate(
+      toy_apply, params, PROMPT, np.array([5, 0, 3]), _zeros(3), 4, jax.random.key(0)
+    )
   with pytest.raises(ValueError, match="steps"):
     sampling.generate(toy_apply, params, PROMPT, LENGTHS, _zeros(3), 0, jax.random.key(0))
 
 
-LOGITS = jnp.array([[0.5, 2., -1., 1.5, 0., 1., -0.5, 3.]])
-TEMPERATURE = 2.
+LOGITS = jnp.array([[0.5, 2.0, -1.0, 1.5, 0.0, 1.0, -0.5, 3.0]])
+TEMPERATURE = 2.0
 
 
 def test_temperature_zero_is_argmax():
   logits = jax.random.normal(jax.random.key(0), (4, V))
-  got = sampling.sample_tokens(jax.random.key(1), logits, temperature=0.)
+  got = sampling.sample_tokens(jax.random.key(1), logits, temperature=0.0)
   np.testing.assert_array_equal(got, jnp.argmax(logits, axis=-1))
   banned = np.arange(V) == 7  # the best token (3.0) banned: the next best (index 1, 2.0) wins
-  got = sampling.sample_tokens(jax.random.key(1), LOGITS, temperature=0., banned=banned)
+  got = sampling.sample_tokens(jax.random.key(1), LOGITS, temperature=0.0, banned=banned)
   assert int(got[0]) == 1
 
 
@@ -169,8 +182,9 @@ def draw_many():
 
   @functools.partial(jax.jit, static_argnames=("top_k",))
   def draw(banned, top_k):
-    sample = lambda k: sampling.sample_tokens(k, LOGITS, temperature=TEMPERATURE, top_k=top_k,
-                                              banned=banned)[0]
+    sample = lambda k: sampling.sample_tokens(
+      k, LOGITS, temperature=TEMPERATURE, top_k=top_k, banned=banned
+    )[0]
     return jax.vmap(sample)(keys)
 
   return draw
@@ -196,7 +210,7 @@ def test_top_k_with_banned_never_samples_banned(draw_many):
 
 def test_sample_tokens_rejects_bad_options():
   with pytest.raises(ValueError, match="temperature"):
-    sampling.sample_tokens(jax.random.key(0), LOGITS, temperature=-1.)
+    sampling.sample_tokens(jax.random.key(0), LOGITS, temperature=-1.0)
   with pytest.raises(ValueError, match="every token"):
     sampling.sample_tokens(jax.random.key(0), LOGITS, banned=np.ones(V, bool))
   with pytest.raises(ValueError, match="banned"):
@@ -217,8 +231,8 @@ def test_bernoulli_keep_rate_and_edges():
   assert not keep[:, ~valid].any()
   n = len(keys) * valid.sum()
   assert abs(keep.sum() / n - 0.3) < 4 * np.sqrt(0.3 * 0.7 / n)  # 4 sigma, binomial
-  np.testing.assert_array_equal(sampling.bernoulli_keep(keys[0], valid, 1.), valid)
-  assert not sampling.bernoulli_keep(keys[0], valid, 0.).any()
+  np.testing.assert_array_equal(sampling.bernoulli_keep(keys[0], valid, 1.0), valid)
+  assert not sampling.bernoulli_keep(keys[0], valid, 0.0).any()
   np.testing.assert_array_equal(sampling.bernoulli_keep(keys[0], valid, 0.3), keep[0])
   with pytest.raises(ValueError, match="p must be"):
     sampling.bernoulli_keep(keys[0], valid, 1.5)
@@ -227,8 +241,9 @@ def test_bernoulli_keep_rate_and_edges():
 def test_fixed_count_keep_is_uniform():
   valid = _valid_cells()
   keys = jax.random.split(jax.random.key(2), 400)
-  keep = np.asarray(jax.jit(jax.vmap(sampling.fixed_count_keep, (0, None, None)),
-                            static_argnums=2)(keys, valid, 12))
+  keep = np.asarray(
+    jax.jit(jax.vmap(sampling.fixed_count_keep, (0, None, None)), static_argnums=2)(keys, valid, 12)
+  )
   # Every valid cell of image 0 is kept with probability 12 / #valid (4.5 sigma: ~180 cells).
   p = 12 / valid[0].sum()
   freq = keep[:, 0][:, valid[0]].mean(0)
@@ -250,8 +265,11 @@ def test_class_rebalanced_keep_rates_per_class():
   labels = np.where(valid, labels, 255)
   probs = np.array([0.1, 1.0, 0.5], np.float32)  # class 0 is background
   keys = jax.random.split(jax.random.key(4), 64)
-  keep = np.asarray(jax.jit(jax.vmap(sampling.class_rebalanced_keep, (0, None, None, None)))(
-      keys, labels, valid, probs))
+  keep = np.asarray(
+    jax.jit(jax.vmap(sampling.class_rebalanced_keep, (0, None, None, None)))(
+      keys, labels, valid, probs
+    )
+  )
   assert not keep[:, ~valid].any()
   for c, p in enumerate(probs):
     cells = valid & (labels == c)
@@ -288,7 +306,7 @@ def test_unique_log_uniform_matches_exact_enumeration():
   p = _zipf(v)
   incl, mean_q = np.zeros(v), np.zeros(v)
   for order in itertools.permutations(range(v), s):
-    left = 1 - np.concatenate([[0.], np.cumsum(p[list(order)])[:-1]])
+    left = 1 - np.concatenate([[0.0], np.cumsum(p[list(order)])[:-1]])
     prob = np.prod(p[list(order)] / left)
     incl[list(order)] += prob
     z = 1 - p  # E[z^n] = product of geometric generating functions s z / (1 - (1 - s) z)
@@ -328,18 +346,21 @@ def test_all_classes_with_certain_candidates_equals_full_softmax(softmax_problem
   mask = jnp.ones(N, bool)
   # Every class is a candidate with certainty: expected count 1, log Q = 0, so the correction
   # vanishes and removing the label's sampled copy leaves exactly the full softmax.
-  cand = types.SimpleNamespace(ids=jax.random.permutation(jax.random.key(0), VOCAB),
-                               log_q=lambda k: jnp.zeros(k.shape))
-  loss = jax.jit(lambda h, w, b: sampling.sampled_softmax_loss(
-      h, w, b, labels, mask, candidates=cand)[0])
+  cand = types.SimpleNamespace(
+    ids=jax.random.permutation(jax.random.key(0), VOCAB), log_q=lambda k: jnp.zeros(k.shape)
+  )
+  loss = jax.jit(
+    lambda h, w, b: sampling.sampled_softmax_loss(h, w, b, labels, mask, candidates=cand)[0]
+  )
   np.testing.assert_allclose(loss(h, w, b), _full_xent(h, w, b, labels), rtol=1e-5)
   grads = jax.jit(jax.grad(loss, (0, 1, 2)))(h, w, b)
   want = jax.grad(_full_xent, (0, 1, 2))(h, w, b, labels)
   for g, g_full in zip(grads, want):
     np.testing.assert_allclose(g, g_full, rtol=1e-4, atol=1e-6)
   # Without hit removal the label is counted twice in the partition function.
-  twice, _ = sampling.sampled_softmax_loss(h, w, b, labels, mask, candidates=cand,
-                                            remove_accidental_hits=False)
+  twice, _ = sampling.sampled_softmax_loss(
+    h, w, b, labels, mask, candidates=cand, remove_accidental_hits=False
+  )
   z = np.asarray(h @ w.T + b[None, :], np.float64)
   zy = z[np.arange(N), np.asarray(labels)]
   want = np.sum(np.log(np.exp(z).sum(1) + np.exp(zy)) - zy)
@@ -351,8 +372,9 @@ def test_sampler_with_all_classes_is_full_softmax_of_corrected_logits(softmax_pr
   key = jax.random.key(3)
   cand = sampling.log_uniform_candidates(key, VOCAB, VOCAB, unique=True)
   assert sorted(np.asarray(cand.ids).tolist()) == list(range(VOCAB))
-  total, weight = sampling.sampled_softmax_loss(h, w, b, labels, jnp.ones(N, bool), key=key,
-                                                num_sampled=VOCAB)
+  total, weight = sampling.sampled_softmax_loss(
+    h, w, b, labels, jnp.ones(N, bool), key=key, num_sampled=VOCAB
+  )
   # The unique sampler's expected counts are below 1 for rare classes, so log Q still shifts
   # the logits: the exact equivalent is the full softmax over z - log Q.
   z = np.asarray(h @ w.T + b[None, :], np.float64) - np.asarray(cand.log_q(jnp.arange(VOCAB)))[None]
@@ -376,9 +398,10 @@ def test_expected_sampled_gradient_approaches_full_gradient(softmax_problem):
   def rel_error(num_sampled, subtract_log_q):
     def grad(key):
       loss = lambda h, w, b: sampling.sampled_softmax_loss(
-          h, w, b, labels, mask, key=key, num_sampled=num_sampled,
-          subtract_log_q=subtract_log_q)[0]
+        h, w, b, labels, mask, key=key, num_sampled=num_sampled, subtract_log_q=subtract_log_q
+      )[0]
       return jax.grad(loss, (0, 1, 2))(h, w, b)
+
     mean = jax.tree.map(lambda g: g.mean(0), jax.jit(jax.vmap(grad))(keys))
     return max(float(jnp.linalg.norm(m - f) / jnp.linalg.norm(f)) for m, f in zip(mean, full))
 
@@ -393,8 +416,11 @@ def test_sampled_softmax_masked_rows_and_nan_do_not_leak(softmax_problem):
   mask = jnp.array([True, False, True, False])
   bad_h = jnp.where(mask[:, None], h, jnp.nan)
   bad_labels = jnp.where(mask, labels, jnp.array([0, -7, 0, 10**6]))
-  loss = jax.jit(lambda h, w, b, labels, mask: sampling.sampled_softmax_loss(
-      h, w, b, labels, mask, key=jax.random.key(5), num_sampled=8))
+  loss = jax.jit(
+    lambda h, w, b, labels, mask: sampling.sampled_softmax_loss(
+      h, w, b, labels, mask, key=jax.random.key(5), num_sampled=8
+    )
+  )
   total, weight = loss(bad_h, w, b, bad_labels, mask)
   kept = np.flatnonzero(mask)
   want_total, want_weight = loss(h[kept], w, b, labels[kept], jnp.ones(2, bool))
@@ -413,8 +439,10 @@ def test_sampled_softmax_masked_rows_and_nan_do_not_leak(softmax_problem):
 def test_sampled_softmax_rejects_bad_input(softmax_problem):
   h, w, b, labels = softmax_problem
   with pytest.raises(ValueError, match="labels at valid rows"):
-    sampling.sampled_softmax_loss(h, w, b, labels.at[0].set(VOCAB), jnp.ones(N, bool),
-                                  key=jax.random.key(0), num_sampled=4)
+    sampling.sampled_softmax_loss(
+      h, w, b, labels.at[0].set(VOCAB), jnp.ones(N, bool), key=jax.random.key(0), num_sampled=4
+    )
   with pytest.raises(ValueError, match="num_sampled <= range_max"):
-    sampling.sampled_softmax_loss(h, w, b, labels, jnp.ones(N, bool), key=jax.random.key(0),
-                                  num_sampled=VOCAB + 1)
+    sampling.sampled_softmax_loss(
+      h, w, b, labels, jnp.ones(N, bool), key=jax.random.key(0), num_sampled=VOCAB + 1
+    )

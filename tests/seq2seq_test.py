@@ -22,14 +22,28 @@ SOURCE_LEN = np.array([5, 3, 1, 2], np.int32)
 TARGET_IN = np.array([[1, 4, 5, 6], [1, 6, 0, 0], [1, 0, 0, 0], [1, 5, 5, 0]], np.int32)
 TARGET_OUT = np.array([[4, 5, 6, 2], [6, 2, 0, 0], [2, 0, 0, 0], [5, 5, 2, 0]], np.int32)
 TARGET_LEN = np.array([4, 2, 1, 3], np.int32)
-BATCH = dict(source=SOURCE, source_len=SOURCE_LEN, target_in=TARGET_IN, target_out=TARGET_OUT,
-             target_len=TARGET_LEN)
+BATCH = dict(
+  source=SOURCE,
+  source_len=SOURCE_LEN,
+  target_in=TARGET_IN,
+  target_out=TARGET_OUT,
+  target_len=TARGET_LEN,
+)
 VARIANTS = [("gru", False, "none"), ("lstm", True, "luong"), ("gru", True, "bahdanau")]
 
 
 def _config(cell, bidirectional, attention, **kw):
-  return seq2seq.Seq2SeqConfig(source_vocab=VS, target_vocab=VT, embed=E, hidden=H, layers=LAYERS,
-                               cell=cell, bidirectional=bidirectional, attention=attention, **kw)
+  return seq2seq.Seq2SeqConfig(
+    source_vocab=VS,
+    target_vocab=VT,
+    embed=E,
+    hidden=H,
+    layers=LAYERS,
+    cell=cell,
+    bidirectional=bidirectional,
+    attention=attention,
+    **kw,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +52,23 @@ def models():
   for variant in VARIANTS:
     config = _config(*variant)
     # XLA:CPU compiles threefry draws slowly; rbg keys keep the setup quick.
-    out[variant] = (config, jax.jit(seq2seq.init_params, static_argnums=1)(
-        jax.random.key(0, impl="rbg"), config))
+    out[variant] = (
+      config,
+      jax.jit(seq2seq.init_params, static_argnums=1)(jax.random.key(0, impl="rbg"), config),
+    )
   return out
 
 
-@pytest.mark.parametrize("cell,bidirectional,attention", [
-    ("gru", False, "none"), ("lstm", False, "none"), ("gru", True, "luong"),
-    ("lstm", True, "bahdanau"), ("gru", False, "bahdanau")])
+@pytest.mark.parametrize(
+  "cell,bidirectional,attention",
+  [
+    ("gru", False, "none"),
+    ("lstm", False, "none"),
+    ("gru", True, "luong"),
+    ("lstm", True, "bahdanau"),
+    ("gru", False, "bahdanau"),
+  ],
+)
 def test_every_parameter_has_the_documented_shape(cell, bidirectional, attention):
   config = _config(cell, bidirectional, attention)
   abstract = jax.eval_shape(lambda k: seq2seq.init_params(k, config), jax.random.key(0))
@@ -56,8 +79,14 @@ def test_every_parameter_has_the_documented_shape(cell, bidirectional, attention
   def layer(inputs):  # w_i on w_h is the fused [F + H, G*H] kernel: H never depends on F
     return {"w_i": (inputs, G * H), "b_i": (G * H,), "w_h": (H, G * H), "b_h": (G * H,)}
 
-  want = {"source_embedding": (VS, E), "target_embedding": (VT, E), "output_w": (VT, H),
-          "output_b": (VT,), "encoder": {}, "decoder": {}}
+  want = {
+    "source_embedding": (VS, E),
+    "target_embedding": (VT, E),
+    "output_w": (VT, H),
+    "output_b": (VT,),
+    "encoder": {},
+    "decoder": {},
+  }
   for l in range(LAYERS):
     enc = layer(E if l == 0 else M)
     want["encoder"][f"layer_{l}"] = {"fwd": enc, "bwd": enc} if bidirectional else enc
@@ -72,7 +101,8 @@ def test_every_parameter_has_the_documented_shape(cell, bidirectional, attention
   assert shapes == want
   is_shape = lambda s: isinstance(s, tuple)
   assert seq2seq.param_count(abstract) == sum(
-      int(np.prod(s)) for s in jax.tree.leaves(want, is_leaf=is_shape))
+    int(np.prod(s)) for s in jax.tree.leaves(want, is_leaf=is_shape)
+  )
 
 
 def _garbage_padded(extra_source, extra_target):
@@ -82,12 +112,16 @@ def _garbage_padded(extra_source, extra_target):
   def widen(x, lengths, extra):
     wide = rng.integers(-5, 50, size=(x.shape[0], x.shape[1] + extra)).astype(np.int32)
     keep = np.arange(wide.shape[1])[None] < lengths[:, None]
-    wide[:, :x.shape[1]] = np.where(keep[:, :x.shape[1]], x, wide[:, :x.shape[1]])
+    wide[:, : x.shape[1]] = np.where(keep[:, : x.shape[1]], x, wide[:, : x.shape[1]])
     return wide
 
-  return dict(source=widen(SOURCE, SOURCE_LEN, extra_source), source_len=SOURCE_LEN,
-              target_in=widen(TARGET_IN, TARGET_LEN, extra_target),
-              target_out=widen(TARGET_OUT, TARGET_LEN, extra_target), target_len=TARGET_LEN)
+  return dict(
+    source=widen(SOURCE, SOURCE_LEN, extra_source),
+    source_len=SOURCE_LEN,
+    target_in=widen(TARGET_IN, TARGET_LEN, extra_target),
+    target_out=widen(TARGET_OUT, TARGET_LEN, extra_target),
+    target_len=TARGET_LEN,
+  )
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -103,7 +137,7 @@ def test_encoder_final_carry_ignores_padding(models, variant):
   assert not np.any(np.asarray(memory_w["values"])[~np.asarray(memory_w["mask"])])
   # A row alone at its own exact length: the same final carry as in the padded batch.
   row, n = 1, SOURCE_LEN[1]
-  _, alone = encode(params, config, SOURCE[row:row + 1, :n], SOURCE_LEN[row:row + 1])
+  _, alone = encode(params, config, SOURCE[row : row + 1, :n], SOURCE_LEN[row : row + 1])
   for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(state)):
     np.testing.assert_allclose(a[0], b[row], rtol=1e-5, atol=1e-6)
 
@@ -147,8 +181,9 @@ def test_teacher_forcing_equals_step_by_step_decoding(models, variant):
 
   forced, stepped = both(params)
   valid = np.arange(TARGET_IN.shape[1])[None] < TARGET_LEN[:, None]
-  np.testing.assert_allclose(np.asarray(forced)[valid], np.asarray(stepped)[valid], rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(forced)[valid], np.asarray(stepped)[valid], rtol=1e-5, atol=1e-6
+  )
   assert not np.any(np.asarray(forced)[~valid])
 
 
@@ -167,8 +202,9 @@ def test_sampled_softmax_with_every_class_is_the_full_softmax(models):
   full, sampled = both(params)
   np.testing.assert_allclose(sampled, full, rtol=1e-5)
   with pytest.raises(ValueError, match="token_mean"):
-    seq2seq.sequence_loss(params, config, BATCH, softmax="sampled", candidates=every,
-                          mode="sequence_mean")
+    seq2seq.sequence_loss(
+      params, config, BATCH, softmax="sampled", candidates=every, mode="sequence_mean"
+    )
 
 
 def test_sequence_mean_is_the_mean_of_per_sentence_means(models):
@@ -177,17 +213,19 @@ def test_sequence_mean_is_the_mean_of_per_sentence_means(models):
   @jax.jit
   def run(params):
     feats = seq2seq.teacher_forced(params, config, SOURCE, SOURCE_LEN, TARGET_IN, TARGET_LEN)
-    return (jax.nn.log_softmax(seq2seq.logits(params, feats)),
-            seq2seq.sequence_loss(params, config, BATCH, mode="sequence_mean")["xent"],
-            seq2seq.sequence_loss(params, config, BATCH)["xent"])
+    return (
+      jax.nn.log_softmax(seq2seq.logits(params, feats)),
+      seq2seq.sequence_loss(params, config, BATCH, mode="sequence_mean")["xent"],
+      seq2seq.sequence_loss(params, config, BATCH)["xent"],
+    )
 
   logp, sequence_mean, token_mean = run(params)
   nll = -np.take_along_axis(np.asarray(logp, np.float64), TARGET_OUT[..., None], axis=-1)[..., 0]
-  per_row = [nll[b, :TARGET_LEN[b]].mean() for b in range(4)]
+  per_row = [nll[b, : TARGET_LEN[b]].mean() for b in range(4)]
   total, weight = sequence_mean
   np.testing.assert_allclose(float(total) / float(weight), np.mean(per_row), rtol=1e-5)
   total, weight = token_mean
-  tokens = np.concatenate([nll[b, :TARGET_LEN[b]] for b in range(4)])
+  tokens = np.concatenate([nll[b, : TARGET_LEN[b]] for b in range(4)])
   np.testing.assert_allclose(float(total) / float(weight), tokens.mean(), rtol=1e-5)
 
 

@@ -25,7 +25,7 @@ def data(tmp_path_factory):
   """(prepared folder, documents as the in-memory path reads them, tokenizer)."""
   root = tmp_path_factory.mktemp("shards")
   sentences = [s for k in sorted(topics.topics) for s in corpus.split_sentences(topics.topics[k])]
-  docs = [sentences[i:i + 8] for i in range(0, len(sentences) - 7, 8)]
+  docs = [sentences[i : i + 8] for i in range(0, len(sentences) - 7, 8)]
   (root / "corpus.txt").write_text("\n\n".join("\n".join(d) for d in docs) + "\n")
   tok = tk.WordPieceTokenizer(tk.train_wordpiece(docs, 800))
   tok.save(root / "tokenizer.json")
@@ -48,8 +48,9 @@ def _assert_same(a, b):
 def test_pairs_are_bert_data_pairs(data):
   out, docs, tok = data
   token_docs = bert_data.tokenize_documents(docs, tok)
-  it = shards.PreparedBatches(out, batch_size=8, seq_len=T, max_predictions=P, seed=3,
-                              window_docs=64)
+  it = shards.PreparedBatches(
+    out, batch_size=8, seq_len=T, max_predictions=P, seed=3, window_docs=64
+  )
   train_docs = [token_docs[g] for g in it.doc_ids]  # The in-memory documents, training split.
   view_index = {int(g): i for i, g in enumerate(it.doc_ids)}
   for _ in range(12):
@@ -65,7 +66,8 @@ def test_pairs_are_bert_data_pairs(data):
       n = int(batch["input_mask"][r].sum())
       assert batch["original_ids"][r, :n].tolist() == ids and not batch["original_ids"][r, n:].any()
       assert batch["segment_ids"][r].tolist() == [0] * (len(a) + 2) + [1] * (len(b) + 1) + [0] * (
-          T - n)
+        T - n
+      )
       assert batch["next_sentence_labels"][r] == label
 
 
@@ -73,39 +75,58 @@ def _stats(tokens, lengths, labels, masks, tok):
   used = masks["masked_lm_weights"] > 0
   new = np.take_along_axis(masks["input_ids"], masks["masked_lm_positions"], 1)[used]
   orig = np.take_along_axis(tokens, masks["masked_lm_positions"], 1)[used]
-  return dict(instances=len(lengths), predictions=used.sum(1).mean(),
-              mask_share=(new == tok.mask_id).mean(), keep_share=(new == orig).mean(),
-              short_share=(lengths < T // 2).mean(), is_next=(labels == 0).mean())
+  return dict(
+    instances=len(lengths),
+    predictions=used.sum(1).mean(),
+    mask_share=(new == tok.mask_id).mean(),
+    keep_share=(new == orig).mean(),
+    short_share=(lengths < T // 2).mean(),
+    is_next=(labels == 0).mean(),
+  )
 
 
 # Tolerances: ~4 standard deviations of (in-memory - prepared) over seeds, measured here.
-_TOLERANCE = dict(instances=0.04, predictions=0.25, mask_share=0.007, keep_share=0.005,
-                  short_share=0.025, is_next=0.03)
+_TOLERANCE = dict(
+  instances=0.04,
+  predictions=0.25,
+  mask_share=0.007,
+  keep_share=0.005,
+  short_share=0.025,
+  is_next=0.03,
+)
 
 
 @pytest.mark.parametrize("masking", ["static", "dynamic"])
 def test_statistics_match_in_memory_path(data, masking):
   out, docs, tok = data
   # Five versions of every document on both sides, for the same spread in both modes.
-  memory = BertBatches(docs, tok, batch_size=8, seq_len=T, max_predictions=P, masking=masking,
-                       seed=0, dupe_factor=5)
+  memory = BertBatches(
+    docs, tok, batch_size=8, seq_len=T, max_predictions=P, masking=masking, seed=0, dupe_factor=5
+  )
   inst = memory.instances
   if masking == "static":
     masks = memory._static
   else:
     maskable = bert_data.maskable_positions(inst.tokens, inst.lengths, tok.special_ids)
     draws = bert_data.dynamic_draws(np.random.default_rng(0), len(maskable), T, P, tok.vocab_size)
-    masks = bert_data.mask_dynamic(inst.tokens, maskable, draws, masked_lm_prob=0.15,
-                                   max_predictions=P, mask_id=tok.mask_id)
+    masks = bert_data.mask_dynamic(
+      inst.tokens, maskable, draws, masked_lm_prob=0.15, max_predictions=P, mask_id=tok.mask_id
+    )
   expected = _stats(inst.tokens, inst.lengths, inst.next_sentence_labels, masks, tok)
-  it = shards.PreparedBatches(out, batch_size=8, seq_len=T, max_predictions=P, masking=masking,
-                              eval_fraction=0.0, dupe_factor=5)
+  it = shards.PreparedBatches(
+    out,
+    batch_size=8,
+    seq_len=T,
+    max_predictions=P,
+    masking=masking,
+    eval_fraction=0.0,
+    dupe_factor=5,
+  )
   batches = []
   while it.epoch < 5:  # Every version once.
     batches.append(next(it))
   cat = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-  got = _stats(cat["original_ids"], cat["input_mask"].sum(1), cat["next_sentence_labels"], cat,
-               tok)
+  got = _stats(cat["original_ids"], cat["input_mask"].sum(1), cat["next_sentence_labels"], cat, tok)
   assert abs(got["instances"] / expected["instances"] - 1) < _TOLERANCE["instances"]
   for key in ("predictions", "mask_share", "keep_share", "short_share", "is_next"):
     assert abs(got[key] - expected[key]) < _TOLERANCE[key], (key, got[key], expected[key])
@@ -119,8 +140,10 @@ def test_processes_read_disjoint_rows_of_the_same_global_batch(data, masking):
   out = data[0]
   common = dict(batch_size=8, seq_len=T, max_predictions=P, masking=masking, window_docs=16)
   one = _batches(shards.PreparedBatches(out, **common), 40)  # Crosses window boundaries.
-  halves = [_batches(shards.PreparedBatches(out, process_index=p, process_count=2, **common), 40)
-            for p in (0, 1)]
+  halves = [
+    _batches(shards.PreparedBatches(out, process_index=p, process_count=2, **common), 40)
+    for p in (0, 1)
+  ]
   joined = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*halves)]
   _assert_same(joined, one)
   assert not np.array_equal(halves[0][0]["original_ids"], halves[1][0]["original_ids"])
@@ -166,8 +189,9 @@ def test_held_out_documents_fixed_by_text(data, tmp_path):
   out, docs, _ = data
   common = dict(batch_size=8, seq_len=T, max_predictions=P, eval_fraction=0.1, window_docs=16)
   train = shards.PreparedBatches(out, **common)
-  held = shards.PreparedBatches(out, split="eval", seed=5, process_index=1, process_count=2,
-                                **common)
+  held = shards.PreparedBatches(
+    out, split="eval", seed=5, process_index=1, process_count=2, **common
+  )
   assert set(held.doc_ids) == set(shards.PreparedBatches(out, split="eval", **common).doc_ids)
   assert not set(train.doc_ids) & set(held.doc_ids)
   assert len(train.doc_ids) + len(held.doc_ids) == len(docs)
@@ -183,18 +207,27 @@ def test_held_out_documents_fixed_by_text(data, tmp_path):
       assert np.all(plan[field] < ends[inside])
   # Another preparation (other file layout, two workers) holds out the same texts.
   (tmp_path / "a.txt").write_text("\n\n".join("\n".join(d) for d in reversed(docs)) + "\n")
-  prepare.prepare([str(tmp_path / "a.txt")], tmp_path / "out", str(out / "tokenizer.json"),
-                  split_mb=0.05, num_workers=2)
+  prepare.prepare(
+    [str(tmp_path / "a.txt")],
+    tmp_path / "out",
+    str(out / "tokenizer.json"),
+    split_mb=0.05,
+    num_workers=2,
+  )
   other = shards.PreparedBatches(tmp_path / "out", split="eval", **common)
-  assert (sorted(other.docs.doc_hashes()[other.doc_ids].tolist())
-          == sorted(held.docs.doc_hashes()[held.doc_ids].tolist()))
+  assert sorted(other.docs.doc_hashes()[other.doc_ids].tolist()) == sorted(
+    held.docs.doc_hashes()[held.doc_ids].tolist()
+  )
 
 
 def test_tiny_corpus_and_documents_longer_than_seq_len(data, tmp_path):
   tok_path = data[0] / "tokenizer.json"
   long_sentence = " ".join(["alpha beta gamma delta"] * 40)  # ~160 tokens in one sentence.
-  text = (f"{long_sentence}\nShort one.\n\nA second document.\nWith two lines.\n\n"
-          + "\n".join(f"Line {i} of a long document about lists." for i in range(30)) + "\n")
+  text = (
+    f"{long_sentence}\nShort one.\n\nA second document.\nWith two lines.\n\n"
+    + "\n".join(f"Line {i} of a long document about lists." for i in range(30))
+    + "\n"
+  )
   (tmp_path / "tiny.txt").write_text(text)
   prepare.prepare([str(tmp_path / "tiny.txt")], tmp_path / "out", str(tok_path))
   common = dict(seq_len=16, max_predictions=3, eval_fraction=0.0)

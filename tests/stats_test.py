@@ -8,10 +8,17 @@ from maskax import stats
 
 
 # t_{0.975, df} from any t table (scipy.stats.t.ppf(0.975, df) gives the same digits).
-@pytest.mark.parametrize("df, expected", [
-    (1, 12.706205), (2, 4.302653), (4, 2.776445), (9, 2.262157), (30, 2.042272),
+@pytest.mark.parametrize(
+  "df, expected",
+  [
+    (1, 12.706205),
+    (2, 4.302653),
+    (4, 2.776445),
+    (9, 2.262157),
+    (30, 2.042272),
     (1000, 1.962339),
-])
+  ],
+)
 def test_t_quantile_matches_the_table(df, expected):
   assert stats.t_quantile(0.975, df) == pytest.approx(expected, abs=1e-6)
 
@@ -26,18 +33,23 @@ def test_t_quantile_is_symmetric_and_inverts_the_cdf():
     stats.t_quantile(1.0, 3)
 
 
-@pytest.mark.parametrize("values, mean, std, half", [
+@pytest.mark.parametrize(
+  "values, mean, std, half",
+  [
     # mean, sample std (n - 1), and t_{0.975, n-1} * std / sqrt(n), worked by hand
     ([1.0, 2.0, 3.0], 2.0, 1.0, 4.302653 / math.sqrt(3)),
     ([1.0, 2.0, 3.0, 4.0, 5.0], 3.0, math.sqrt(2.5), 2.776445 * math.sqrt(2.5) / math.sqrt(5)),
     ([float(v) for v in range(1, 11)], 5.5, math.sqrt(55 / 6), 2.262157 * math.sqrt(55 / 60)),
-])
+  ],
+)
 def test_summarize_gives_the_student_t_interval(values, mean, std, half):
   s = stats.summarize(values)
   assert (s.mean, s.n) == (pytest.approx(mean), len(values))
   assert s.std == pytest.approx(std)
-  assert (s.low, s.high) == (pytest.approx(mean - half, abs=1e-6),
-                             pytest.approx(mean + half, abs=1e-6))
+  assert (s.low, s.high) == (
+    pytest.approx(mean - half, abs=1e-6),
+    pytest.approx(mean + half, abs=1e-6),
+  )
 
 
 def test_one_value_has_no_spread_and_a_nan_poisons_the_cell():

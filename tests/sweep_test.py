@@ -7,13 +7,19 @@ import pytest
 
 from maskax import sweep
 
-CONFIG = {"seed": 0, "model.hidden": 16, "loss.mode": "token_mean", "train.learning_rate": 3e-3,
-          "data.shuffle": True}
+CONFIG = {
+  "seed": 0,
+  "model.hidden": 16,
+  "loss.mode": "token_mean",
+  "train.learning_rate": 3e-3,
+  "data.shuffle": True,
+}
 
 
 def test_grid_is_the_cartesian_product_repeated_over_seeds():
-  axes, seeds = sweep.parse_grid(["model.hidden=8,16", "loss.mode=token_mean,sequence_mean"],
-                                 CONFIG, seeds=3)
+  axes, seeds = sweep.parse_grid(
+    ["model.hidden=8,16", "loss.mode=token_mean,sequence_mean"], CONFIG, seeds=3
+  )
   assert axes == [("model.hidden", [8, 16]), ("loss.mode", ["token_mean", "sequence_mean"])]
   assert seeds == [0, 1, 2]
   runs = sweep.plan(axes, seeds)
@@ -27,8 +33,11 @@ def test_grid_is_the_cartesian_product_repeated_over_seeds():
 
 
 def test_seed_sweep_is_the_same_as_seeds_and_values_are_typed():
-  assert (sweep.parse_grid(["seed=0,1,2"], CONFIG)
-          == sweep.parse_grid([], CONFIG, seeds=3) == ([], [0, 1, 2]))
+  assert (
+    sweep.parse_grid(["seed=0,1,2"], CONFIG)
+    == sweep.parse_grid([], CONFIG, seeds=3)
+    == ([], [0, 1, 2])
+  )
   axes, _ = sweep.parse_grid(["train.learning_rate=1e-3,0.01", "data.shuffle=false"], CONFIG)
   assert axes == [("train.learning_rate", [0.001, 0.01]), ("data.shuffle", [False])]
   runs = sweep.plan([], [0, 1])
@@ -37,26 +46,32 @@ def test_seed_sweep_is_the_same_as_seeds_and_values_are_typed():
   assert [r.dirname for r in sweep.plan([("model.hidden", [8])], None)] == ["model.hidden=8"]
 
 
-@pytest.mark.parametrize("specs, seeds, message", [
+@pytest.mark.parametrize(
+  "specs, seeds, message",
+  [
     (["model.hidden=8,16", "model.hidden=32"], 0, "swept twice"),
     (["seed=0,1"], 2, "--seeds and --sweep=seed"),
     (["hidden=8"], 0, "unknown config key 'hidden'. Did you mean model.hidden"),
     (["model.hidden=8,x"], 0, "'x' is not a valid int for 'model.hidden'"),
     (["model.hidden=8,8"], 0, "repeated"),
     (["model.hidden"], 0, "expected KEY=V1,V2"),
-])
+  ],
+)
 def test_bad_grids_fail_naming_the_problem(specs, seeds, message):
   with pytest.raises(ValueError, match=message):
     sweep.parse_grid(specs, CONFIG, seeds=seeds)
 
 
 def test_baseline_names_one_cell():
-  axes, seeds = sweep.parse_grid(["model.hidden=8,16", "loss.mode=token_mean,sequence_mean"],
-                                 CONFIG, seeds=2)
+  axes, seeds = sweep.parse_grid(
+    ["model.hidden=8,16", "loss.mode=token_mean,sequence_mean"], CONFIG, seeds=2
+  )
   runs = sweep.plan(axes, seeds)
   assert sweep.find_cell(None, runs, CONFIG) == "model.hidden=8,loss.mode=token_mean"
-  assert (sweep.find_cell("model.hidden=16,loss.mode=sequence_mean", runs, CONFIG)
-          == "model.hidden=16,loss.mode=sequence_mean")
+  assert (
+    sweep.find_cell("model.hidden=16,loss.mode=sequence_mean", runs, CONFIG)
+    == "model.hidden=16,loss.mode=sequence_mean"
+  )
   with pytest.raises(ValueError, match="2 cells of the sweep match"):
     sweep.find_cell("model.hidden=16", runs, CONFIG)
   with pytest.raises(ValueError, match="no cell of the sweep matches|no cell"):

@@ -9,8 +9,9 @@ from maskax.data import synthetic
 
 def _seqs(seed=0, n=64, max_length=30, **kw):
   kw = {"blackout_prob": 0.5, **kw}
-  return synthetic.drift_recall_sequences(np.random.default_rng(seed), n,
-                                          max_length=max_length, **kw)
+  return synthetic.drift_recall_sequences(
+    np.random.default_rng(seed), n, max_length=max_length, **kw
+  )
 
 
 def test_generators_are_deterministic_in_the_seed():
@@ -20,8 +21,7 @@ def test_generators_are_deterministic_in_the_seed():
   assert not np.array_equal(a["x"], c["x"])
   rgb = lambda s: synthetic.rgb_streams(np.random.default_rng(s), 4, 16)
   np.testing.assert_array_equal(rgb(0), rgb(0))
-  mask = lambda s: synthetic.missing_mask(np.random.default_rng(s), 4, 16, rate=0.3,
-                                          bursty=True)
+  mask = lambda s: synthetic.missing_mask(np.random.default_rng(s), 4, 16, rate=0.3, bursty=True)
   np.testing.assert_array_equal(mask(0), mask(0))
 
 
@@ -67,8 +67,9 @@ def test_drift_channel_carries_the_sign_and_bad_arguments_raise():
 
 def test_rgb_streams_are_smooth_between_cuts_and_jump_at_cuts():
   rng = lambda: np.random.default_rng(0)
-  smooth = synthetic.rgb_streams(rng(), 32, 64, noise=0.0, cut_rate=0.0, wobble=0.3,
-                                 periods=(6.0, 20.0))
+  smooth = synthetic.rgb_streams(
+    rng(), 32, 64, noise=0.0, cut_rate=0.0, wobble=0.3, periods=(6.0, 20.0)
+  )
   assert smooth.shape == (32, 64, 3) and smooth.dtype == np.float32
   assert np.all((smooth >= 0) & (smooth <= 1))
   # |d/dt of the mean of two unit sinusoids| <= 2 pi / shortest period.
@@ -81,8 +82,9 @@ def test_rgb_streams_are_smooth_between_cuts_and_jump_at_cuts():
 @pytest.mark.parametrize("bursty", [False, True])
 @pytest.mark.parametrize("rate", [0.0, 0.2, 0.6])
 def test_missing_mask_rate_and_whole_steps(rate, bursty):
-  mask = synthetic.missing_mask(np.random.default_rng(0), 400, 64, rate=rate, step_share=0.25,
-                                bursty=bursty)
+  mask = synthetic.missing_mask(
+    np.random.default_rng(0), 400, 64, rate=rate, step_share=0.25, bursty=bursty
+  )
   assert mask.shape == (400, 64, 3) and mask.dtype == bool
   assert abs((1 - mask.mean()) - rate) < 0.02
   whole = (~mask.any(-1)).mean()
@@ -92,12 +94,12 @@ def test_missing_mask_rate_and_whole_steps(rate, bursty):
 
 
 def test_iid_masks_nest_and_bursts_last():
-  draw = lambda rate, **kw: synthetic.missing_mask(np.random.default_rng(5), 200, 64,
-                                                   rate=rate, **kw)
+  draw = lambda rate, **kw: synthetic.missing_mask(
+    np.random.default_rng(5), 200, 64, rate=rate, **kw
+  )
   lo, hi = draw(0.2), draw(0.6)
   assert np.all(hi <= lo)  # a higher rate hides a superset
-  iid, burst = draw(0.4, step_share=0.0), draw(0.4, step_share=0.0, bursty=True,
-                                               burst_steps=8.0)
+  iid, burst = draw(0.4, step_share=0.0), draw(0.4, step_share=0.0, bursty=True, burst_steps=8.0)
 
   def mean_run(mask):
     m = ~mask.transpose(0, 2, 1).reshape(-1, 64)
@@ -115,5 +117,6 @@ def test_missing_mask_per_row_rates_and_errors():
   with pytest.raises(ValueError, match="rate"):
     synthetic.missing_mask(np.random.default_rng(0), 2, 4, rate=1.0)
   with pytest.raises(ValueError, match="bursty mode cannot reach"):
-    synthetic.missing_mask(np.random.default_rng(0), 2, 4, rate=0.9, step_share=0.0,
-                           bursty=True, burst_steps=2.0)
+    synthetic.missing_mask(
+      np.random.default_rng(0), 2, 4, rate=0.9, step_share=0.0, bursty=True, burst_steps=2.0
+    )

@@ -24,6 +24,7 @@ def _loss_fn(mode):
     pred = jnp.tanh(x @ params["w1"]) @ params["w2"]
     mse = losses.masked_mse(pred, batch["y"], step_mask[..., None], mode=mode)
     return {"mse": mse}, {"valid_steps": (jnp.sum(step_mask), jnp.float32(1))}, model_state
+
   return loss
 
 
@@ -40,12 +41,18 @@ def _batch(rows=16, seed=0):
 def _one_step(mode, devices, batch, accum=1):
   """Parameters after one SGD(lr=1) step, i.e. params - grads, on a mesh of `devices`."""
   mesh = sharding.make_mesh(devices)
-  task = train.Task(init=_init, loss=_loss_fn(mode), optimizer=optax.sgd(1.0),
-                    train_data=iter(()))
+  task = train.Task(init=_init, loss=_loss_fn(mode), optimizer=optax.sgd(1.0), train_data=iter(()))
   options = train.LoopOptions(steps=1, grad_accum_steps=accum)
-  state = jax.jit(lambda k: train.TrainState(
-      step=jnp.int32(0), params=_init(k)[0], opt_state=task.optimizer.init(_init(k)[0]),
-      model_state={}, key=k), out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(0))
+  state = jax.jit(
+    lambda k: train.TrainState(
+      step=jnp.int32(0),
+      params=_init(k)[0],
+      opt_state=task.optimizer.init(_init(k)[0]),
+      model_state={},
+      key=k,
+    ),
+    out_shardings=sharding.replicated(mesh),
+  )(jax.random.PRNGKey(0))
   step = make_train_step(task, options, mesh)
   new_state, out = step(state, sharding.shard_batch(batch, mesh))
   return jax.device_get(new_state.params), jax.device_get(out)
@@ -90,46 +97,69 @@ def test_nonfinite_batch_leaves_state_bitwise_unchanged():
   batch["x"][0, 0, 0] = np.inf  # a valid position: the loss really is non-finite
   mesh = sharding.make_mesh()
   params, _ = _init(jax.random.PRNGKey(0))
-  task = train.Task(init=_init, loss=_loss_fn("token_mean"), optimizer=optax.adam(1e-2),
-                    train_data=iter(()))
-  state = train.TrainState(step=jnp.int32(5), params=params, opt_state=task.optimizer.init(params),
-                           model_state={}, key=jax.random.PRNGKey(1))
+  task = train.Task(
+    init=_init, loss=_loss_fn("token_mean"), optimizer=optax.adam(1e-2), train_data=iter(())
+  )
+  state = train.TrainState(
+    step=jnp.int32(5),
+    params=params,
+    opt_state=task.optimizer.init(params),
+    model_state={},
+    key=jax.random.PRNGKey(1),
+  )
   before = jax.device_get(state)
   step = make_train_step(task, train.LoopOptions(steps=1), mesh)
-  after, out = step(jax.device_put(state, sharding.replicated(mesh)),
-                    sharding.shard_batch(batch, mesh))
+  after, out = step(
+    jax.device_put(state, sharding.replicated(mesh)), sharding.shard_batch(batch, mesh)
+  )
   after = jax.device_get(after)
   assert not out["finite"]
   assert after.step == 6
-  for a, b in zip(jax.tree.leaves((after.params, after.opt_state)),
-                  jax.tree.leaves((before.params, before.opt_state))):
+  for a, b in zip(
+    jax.tree.leaves((after.params, after.opt_state)),
+    jax.tree.leaves((before.params, before.opt_state)),
+  ):
     assert np.array_equal(a, b)
   assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(jax.device_get(out["sums"])))
 
 
-@pytest.mark.parametrize("optimizer", [
-    optax.adam(float("nan")), optax.adam(float("inf")),
+@pytest.mark.parametrize(
+  "optimizer",
+  [
+    optax.adam(float("nan")),
+    optax.adam(float("inf")),
     # Finite gradients, an update that overflows float32 (what train.learning_rate=1e30 does
     # a step or two later).
     optax.chain(optax.scale(1e30), optax.scale(1e30)),
-], ids=["lr_nan", "lr_inf", "overflowing_update"])
+  ],
+  ids=["lr_nan", "lr_inf", "overflowing_update"],
+)
 def test_nonfinite_update_is_skipped_although_loss_and_grads_are_finite(optimizer):
   mesh = sharding.make_mesh()
   params, _ = _init(jax.random.PRNGKey(0))
-  task = train.Task(init=_init, loss=_loss_fn("token_mean"), optimizer=optimizer,
-                    train_data=iter(()))
-  state = train.TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
-                           model_state={}, key=jax.random.PRNGKey(1))
+  task = train.Task(
+    init=_init, loss=_loss_fn("token_mean"), optimizer=optimizer, train_data=iter(())
+  )
+  state = train.TrainState(
+    step=jnp.int32(0),
+    params=params,
+    opt_state=optimizer.init(params),
+    model_state={},
+    key=jax.random.PRNGKey(1),
+  )
   before = jax.device_get(state)
   step = make_train_step(task, train.LoopOptions(steps=1), mesh)
-  after, out = step(jax.device_put(state, sharding.replicated(mesh)),
-                    sharding.shard_batch(_batch(), mesh))
+  after, out = step(
+    jax.device_put(state, sharding.replicated(mesh)), sharding.shard_batch(_batch(), mesh)
+  )
   after = jax.device_get(after)
-  (total, _), = task.loss(params, {}, _batch(), jax.random.PRNGKey(2), train=True)[0].values()
+  ((total, _),) = task.loss(params, {}, _batch(), jax.random.PRNGKey(2), train=True)[0].values()
   assert np.isfinite(total)  # only the update is bad
   assert not out["finite"]
-  for a, b in zip(jax.tree.leaves((after.params, after.opt_state)),
-                  jax.tree.leaves((before.params, before.opt_state))):
+  for a, b in zip(
+    jax.tree.leaves((after.params, after.opt_state)),
+    jax.tree.leaves((before.params, before.opt_state)),
+  ):
     assert np.array_equal(a, b)
 
 

@@ -32,9 +32,11 @@ def parse(words, style):
 
 def test_number_words_golden():
   assert " ".join(tr.number_words(321405, "british")) == (
-      "three hundred and twenty-one thousand , four hundred and five")
+    "three hundred and twenty-one thousand , four hundred and five"
+  )
   assert " ".join(tr.number_words(321405, "american")) == (
-      "three hundred twenty one thousand four hundred five")
+    "three hundred twenty one thousand four hundred five"
+  )
   assert " ".join(tr.number_words(321405, "digits")) == "three two one four zero five"
   assert " ".join(tr.number_words(321405, "mixed")) == "3 2 1 thousand 4 0 5"
   assert " ".join(tr.number_words(1005, "british")) == "one thousand and five"

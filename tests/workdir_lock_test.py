@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -27,8 +26,9 @@ lock.release()
 
 
 def _holder(workdir, seconds=60.0):
-  proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(workdir), str(seconds)],
-                          stdout=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, "-c", _HOLD, str(workdir), str(seconds)], stdout=subprocess.PIPE, text=True
+  )
   assert proc.stdout.readline().strip() == "held"
   return proc
 
@@ -90,13 +90,20 @@ def test_hold_releases_on_exit_and_on_error(tmp_path):
     assert lock.read_holder() == {}  # not process 0: takes nothing
 
 
-SMOKE = ("--config=experiments/example_regression.py:smoke", "--config.train.steps=40",
-         "--config.train.log_every=1", "--config.debug.step_delay_s=0.1")
+SMOKE = (
+  "--config=experiments/example_regression.py:smoke",
+  "--config.train.steps=40",
+  "--config.train.log_every=1",
+  "--config.debug.step_delay_s=0.1",
+)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("second", [(), ("--config.train.learning_rate=0.01", "--config.seed=3")],
-                         ids=["same_config", "other_config"])
+@pytest.mark.parametrize(
+  "second",
+  [(), ("--config.train.learning_rate=0.01", "--config.seed=3")],
+  ids=["same_config", "other_config"],
+)
 def test_two_launches_into_one_workdir_run_exactly_one(tmp_path, second):
   workdir = tmp_path / "run"
   first = spawn(*SMOKE, f"--workdir={workdir}", log_path=tmp_path / "first.log")
@@ -107,8 +114,11 @@ def test_two_launches_into_one_workdir_run_exactly_one(tmp_path, second):
   assert proc.returncode == 1
   assert f"workdir {workdir} is in use by pid {first.pid}" in proc.stderr, proc.stderr[-2000:]
   assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-3000:]
-  steps = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")
-           if "loss" in json.loads(line)]
+  steps = [
+    json.loads(line)["step"]
+    for line in open(workdir / "metrics.jsonl")
+    if "loss" in json.loads(line)
+  ]
   assert steps == list(range(1, 41))  # every step logged once: no second writer
   config = json.loads((workdir / "config.json").read_text())
   assert config["seed"] == 0 and config["train"]["learning_rate"] == 0.003
@@ -121,8 +131,9 @@ def test_a_requeued_launch_waits_for_its_predecessor(tmp_path):
   deadline = time.time() + 120
   while not (workdir / "metrics.jsonl").exists() and time.time() < deadline:
     time.sleep(0.1)
-  proc = launch(*SMOKE, f"--workdir={workdir}", "--wait_for_workdir_s=300",
-                "--config.train.steps=44")
+  proc = launch(
+    *SMOKE, f"--workdir={workdir}", "--wait_for_workdir_s=300", "--config.train.steps=44"
+  )
   assert first.wait(timeout=300) == 0
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "resumed at step 40" in proc.stderr

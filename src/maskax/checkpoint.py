@@ -58,8 +58,12 @@ class CheckpointReadError(RuntimeError):
 def _handlers() -> dict:
   # Registering every item's handler lets orbax read step metadata (and restore a subset of the
   # items) without a warning per item that it "could not be restored".
-  return dict(state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler(),
-              loop=ocp.JsonCheckpointHandler(), integrity=ocp.JsonCheckpointHandler())
+  return dict(
+    state=ocp.StandardCheckpointHandler(),
+    data=ocp.JsonCheckpointHandler(),
+    loop=ocp.JsonCheckpointHandler(),
+    integrity=ocp.JsonCheckpointHandler(),
+  )
 
 
 def json_snapshot(value: Any) -> Any:
@@ -95,8 +99,16 @@ def _first_line(e: BaseException) -> str:
 class Checkpointer:
   """Save every `every` steps, keep the newest `keep`, restore the newest intact one."""
 
-  def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True,
-               read_backoff_s: tuple[float, ...] = READ_BACKOFF_S, reader: bool = False):
+  def __init__(
+    self,
+    directory: str,
+    *,
+    every: int,
+    keep: int,
+    async_save: bool = True,
+    read_backoff_s: tuple[float, ...] = READ_BACKOFF_S,
+    reader: bool = False,
+  ):
     if every <= 0:
       raise ValueError(f"train.checkpoint_every={every} must be positive.")
     if keep <= 0:
@@ -105,16 +117,17 @@ class Checkpointer:
     self.every = every
     self.read_backoff_s = tuple(read_backoff_s)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
-        create=not reader,
-        enable_async_checkpointing=async_save,
-        # A folder left by a save that was killed half-way is only a tmp folder: orbax skips it.
-        # A `reader` (one that only inspects) creates and cleans nothing. (orbax's own
-        # read_only option warns three times each time it is used.)
-        cleanup_tmp_directories=not reader,
+      max_to_keep=keep,
+      create=not reader,
+      enable_async_checkpointing=async_save,
+      # A folder left by a save that was killed half-way is only a tmp folder: orbax skips it.
+      # A `reader` (one that only inspects) creates and cleans nothing. (orbax's own
+      # read_only option warns three times each time it is used.)
+      cleanup_tmp_directories=not reader,
     )
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_handlers=_handlers())
+    self._manager = ocp.CheckpointManager(
+      self.directory, options=options, item_handlers=_handlers()
+    )
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -126,8 +139,9 @@ class Checkpointer:
     """Whether `save(step, force=force)` would write (before checking what exists)."""
     return force or step % self.every == 0
 
-  def save(self, step: int, state: Any, data_state: dict, loop_state: dict, *,
-           force: bool = False) -> bool:
+  def save(
+    self, step: int, state: Any, data_state: dict, loop_state: dict, *, force: bool = False
+  ) -> bool:
     """Saves when `step` is a multiple of `every` (or when forced). Returns whether it saved.
 
     The caller may change `data_state` and `loop_state` as soon as this returns. Raises
@@ -141,18 +155,19 @@ class Checkpointer:
     host = integrity.host_leaves(state)  # one device-to-host copy for both checks
     nonfinite = integrity.nonfinite(host)
     if nonfinite:
-      raise ValueError(f"refusing to checkpoint step {step}: non-finite values in "
-                       + ", ".join(nonfinite[:5]))
+      raise ValueError(
+        f"refusing to checkpoint step {step}: non-finite values in " + ", ".join(nonfinite[:5])
+      )
     record = integrity.record(state, data_state, loop_state, host=host)
     return self._manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
-            loop=ocp.args.JsonSave(loop_state),
-            integrity=ocp.args.JsonSave(record),
-        ),
-        force=True,
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        loop=ocp.args.JsonSave(loop_state),
+        integrity=ocp.args.JsonSave(record),
+      ),
+      force=True,
     )
 
   def _step_path(self, step: int) -> str:
@@ -165,13 +180,15 @@ class Checkpointer:
       return self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax and tensorstore raise many types for missing/short files
       unreadable = unreadable_file(path)
-      if unreadable is not None or (isinstance(e, OSError)
-                                    and not isinstance(e, FileNotFoundError)):
+      if unreadable is not None or (
+        isinstance(e, OSError) and not isinstance(e, FileNotFoundError)
+      ):
         raise CheckpointReadError(
-            f"{path} cannot be read ({unreadable or type(e).__name__ + ': ' + _first_line(e)})"
+          f"{path} cannot be read ({unreadable or type(e).__name__ + ': ' + _first_line(e)})"
         ) from e
-      raise CorruptCheckpointError(f"{path} cannot be read ({type(e).__name__}: "
-                                   f"{_first_line(e)})") from e
+      raise CorruptCheckpointError(
+        f"{path} cannot be read ({type(e).__name__}: {_first_line(e)})"
+      ) from e
 
   def restore(self, abstract_state: Any, step: int | None = None):
     """Restores and verifies `(state, data_state, loop_state)` at `step` (default: latest).
@@ -185,8 +202,12 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     path = self._step_path(step)
-    items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                 loop=ocp.args.JsonRestore(), integrity=ocp.args.JsonRestore())
+    items = dict(
+      state=ocp.args.StandardRestore(abstract_state),
+      data=ocp.args.JsonRestore(),
+      loop=ocp.args.JsonRestore(),
+      integrity=ocp.args.JsonRestore(),
+    )
     legacy = self._predates_integrity(step)
     if legacy:
       del items["integrity"]
@@ -208,8 +229,9 @@ class Checkpointer:
     restored = self._read(step, items)
     record = restored.integrity if isinstance(restored.integrity, dict) else {}
     if record.get("loop") != integrity.json_digest(restored.loop):
-      raise CorruptCheckpointError(f"{self._step_path(step)}: loop item does not match its "
-                                   "checksum")
+      raise CorruptCheckpointError(
+        f"{self._step_path(step)}: loop item does not match its checksum"
+      )
     return restored.loop
 
   def read_integrity(self, step: int) -> dict:
@@ -243,16 +265,17 @@ class Checkpointer:
       message = str(read_error or "another process could not read it")
       if attempt + 1 < READ_ATTEMPTS:
         pause = self.read_backoff_s[min(attempt, len(self.read_backoff_s) - 1)]
-        logging.warning("checkpoint at step %d: read error, retrying in %.0f s: %s",
-                        step, pause, message)
+        logging.warning(
+          "checkpoint at step %d: read error, retrying in %.0f s: %s", step, pause, message
+        )
         time.sleep(pause)
     raise CheckpointReadError(
-        f"checkpoint at step {step} could not be read after {READ_ATTEMPTS} attempts: {message}."
-        " Nothing was moved or deleted. Fix access to the folder (permissions, mount, network)"
-        " and run the same command again.")
+      f"checkpoint at step {step} could not be read after {READ_ATTEMPTS} attempts: {message}."
+      " Nothing was moved or deleted. Fix access to the folder (permissions, mount, network)"
+      " and run the same command again."
+    )
 
-  def restore_latest(self, abstract_state: Any, *,
-                     agree: Callable[[bool], bool] = bool):
+  def restore_latest(self, abstract_state: Any, *, agree: Callable[[bool], bool] = bool):
     """The newest intact checkpoint as `(state, data_state, loop_state)`, or None if none exist.
 
     Damaged newer checkpoints are logged with a warning naming their step, then set aside.
@@ -268,20 +291,24 @@ class Checkpointer:
       result, problem = self._restore_retrying(abstract_state, step, agree)
       if agree(problem is not None):
         problem = problem or "another process could not restore it"
-        logging.warning("checkpoint at step %d is unusable, trying an older one: %s",
-                        step, problem)
+        logging.warning("checkpoint at step %d is unusable, trying an older one: %s", step, problem)
         problems.append(f"step {step}: {problem}")
         bad_steps.append(step)
         continue
       if bad_steps:
-        logging.warning("resuming from step %d; damaged checkpoint(s) at step(s) %s renamed "
-                        "to STEP.corrupt-*", step, bad_steps)
+        logging.warning(
+          "resuming from step %d; damaged checkpoint(s) at step(s) %s renamed to STEP.corrupt-*",
+          step,
+          bad_steps,
+        )
         self._set_aside(bad_steps)
       return result
     if problems:
       raise CorruptCheckpointError(
-          f"no intact checkpoint in {self.directory}:\n  " + "\n  ".join(problems)
-          + "\nRestore the folder from a copy, or move it away to start training from scratch.")
+        f"no intact checkpoint in {self.directory}:\n  "
+        + "\n  ".join(problems)
+        + "\nRestore the folder from a copy, or move it away to start training from scratch."
+      )
     return None
 
   def _set_aside(self, steps: list[int]) -> None:
@@ -301,5 +328,4 @@ class Checkpointer:
 
 def abstract_like(tree: Any) -> Any:
   """`ShapeDtypeStruct`s (with shardings) of a pytree of arrays, for `Checkpointer.restore`."""
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

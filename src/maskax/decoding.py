@@ -58,8 +58,17 @@ def _ban(logp, go_id, pad_id):
   return jnp.where(banned[None, :], -jnp.inf, logp)
 
 
-def greedy_decode(step_fn: Callable, params, context, state, *, max_len: int, go_id: int,
-                  eos_id: int, pad_id: int = 0) -> Decoded:
+def greedy_decode(
+  step_fn: Callable,
+  params,
+  context,
+  state,
+  *,
+  max_len: int,
+  go_id: int,
+  eos_id: int,
+  pad_id: int = 0,
+) -> Decoded:
   """Argmax decoding: context and state as `step_fn` takes them for B rows. Returns `Decoded`."""
   _check(max_len, eos_id, pad_id, go_id)
   B = _batch_size(state)
@@ -79,15 +88,31 @@ def greedy_decode(step_fn: Callable, params, context, state, *, max_len: int, go
     tokens = lax.dynamic_update_slice(tokens, token[:, None], (0, t))
     return t + 1, tokens, token, finished | (token == eos_id), scores, state
 
-  init = (jnp.int32(0), jnp.full((B, max_len), pad_id, jnp.int32),
-          jnp.full((B,), go_id, jnp.int32), jnp.zeros((B,), bool),
-          jnp.zeros((B,), jnp.float32), state)
+  init = (
+    jnp.int32(0),
+    jnp.full((B, max_len), pad_id, jnp.int32),
+    jnp.full((B,), go_id, jnp.int32),
+    jnp.zeros((B,), bool),
+    jnp.zeros((B,), jnp.float32),
+    state,
+  )
   steps, tokens, _, _, scores, _ = lax.while_loop(cond, body, init)
   return Decoded(tokens, _lengths(tokens, eos_id), scores, steps)
 
 
-def beam_search(step_fn: Callable, params, context, state, *, beam_width: int, max_len: int,
-                go_id: int, eos_id: int, pad_id: int = 0, length_penalty: float = 0.6) -> Decoded:
+def beam_search(
+  step_fn: Callable,
+  params,
+  context,
+  state,
+  *,
+  beam_width: int,
+  max_len: int,
+  go_id: int,
+  eos_id: int,
+  pad_id: int = 0,
+  length_penalty: float = 0.6,
+) -> Decoded:
   """Beam search with K = beam_width beams per row; returns the best beam as `Decoded`.
 
   Beams are ranked by the sum of log-probabilities while decoding (a finished beam keeps its
@@ -101,7 +126,7 @@ def beam_search(step_fn: Callable, params, context, state, *, beam_width: int, m
   B, K = _batch_size(state), beam_width
   tile = lambda x: jnp.repeat(x, K, axis=0)  # row b * K + k is beam k of row b
   context, state = jax.tree.map(tile, context), jax.tree.map(tile, state)
-  rows = (jnp.arange(B)[:, None] * K)
+  rows = jnp.arange(B)[:, None] * K
 
   def cond(carry):
     t, _, _, finished, _, _ = carry
@@ -124,9 +149,14 @@ def beam_search(step_fn: Callable, params, context, state, *, beam_width: int, m
     return t + 1, tokens, top, finished, token.reshape(-1), state
 
   first_only = jnp.where(jnp.arange(K) == 0, 0.0, -jnp.inf)
-  init = (jnp.int32(0), jnp.full((B, K, max_len), pad_id, jnp.int32),
-          jnp.broadcast_to(first_only[None, :], (B, K)), jnp.zeros((B, K), bool),
-          jnp.full((B * K,), go_id, jnp.int32), state)
+  init = (
+    jnp.int32(0),
+    jnp.full((B, K, max_len), pad_id, jnp.int32),
+    jnp.broadcast_to(first_only[None, :], (B, K)),
+    jnp.zeros((B, K), bool),
+    jnp.full((B * K,), go_id, jnp.int32),
+    state,
+  )
   steps, tokens, scores, _, _, _ = lax.while_loop(cond, body, init)
   lengths = _lengths(tokens, eos_id)
   penalty = ((5.0 + lengths.astype(jnp.float32)) / 6.0) ** length_penalty
@@ -136,7 +166,7 @@ def beam_search(step_fn: Callable, params, context, state, *, beam_width: int, m
 
 
 def _ngrams(tokens, n):
-  return collections.Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+  return collections.Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 def corpus_bleu(hypotheses, references, *, max_order: int = 4) -> float:
@@ -167,4 +197,3 @@ def corpus_bleu(hypotheses, references, *, max_order: int = 4) -> float:
 def exact_match(hypotheses, references) -> list[bool]:
   """Whether each hypothesis token list equals its reference."""
   return [list(h) == list(r) for h, r in zip(hypotheses, references)]
-

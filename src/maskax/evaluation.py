@@ -55,12 +55,12 @@ def add(a: Sums | None, b: Sums) -> Sums:
 
 
 def _is_scalar_pair(value) -> bool:
-  return (isinstance(value, tuple) and len(value) == 2
-          and all(np.ndim(v) == 0 for v in value))
+  return isinstance(value, tuple) and len(value) == 2 and all(np.ndim(v) == 0 for v in value)
 
 
-def report(sums: Sums, finish: Callable[[Sums], Mapping[str, float]] | None = None
-           ) -> dict[str, float]:
+def report(
+  sums: Sums, finish: Callable[[Sums], Mapping[str, float]] | None = None
+) -> dict[str, float]:
   """Summed values -> `{name: float}` on the host: pairs as total / weight, scalar Max as its
   value, the rest through `finish` (a ValueError names entries nothing reads)."""
   host = jax.device_get(sums)
@@ -76,8 +76,10 @@ def report(sums: Sums, finish: Callable[[Sums], Mapping[str, float]] | None = No
   if finish is not None:
     out.update(finish({k: v.value if _is_max(v) else v for k, v in host.items()}))
   elif unread:
-    raise ValueError(f"evaluation sums {unread} are neither (total, weight) scalar pairs nor a "
-                     "scalar Max; give the task an eval_finish that turns them into metrics.")
+    raise ValueError(
+      f"evaluation sums {unread} are neither (total, weight) scalar pairs nor a "
+      "scalar Max; give the task an eval_finish that turns them into metrics."
+    )
   return {k: float(v) for k, v in out.items()}
 
 
@@ -88,8 +90,9 @@ def fixed_batches(arrays: Mapping[str, np.ndarray], batch_size: int) -> list[dic
   repeating the last row and every batch carries `"valid": bool[B_local]`: give the filler rows
   weight 0 (a Max over a repeated row is unchanged).
   """
-  return iterators.fixed_batches(arrays, batch_size, process_index=jax.process_index(),
-                                 process_count=jax.process_count())
+  return iterators.fixed_batches(
+    arrays, batch_size, process_index=jax.process_index(), process_count=jax.process_count()
+  )
 
 
 class Evaluator:
@@ -105,21 +108,29 @@ class Evaluator:
   finish: host-side `Sums -> {name: float}` for values that are not pairs or Max, or None.
   """
 
-  def __init__(self, sums_fn: Callable[[Any, Any], Sums],
-               data: Callable[[], Batches | Mapping[str, Batches]], mesh, *,
-               finish: Callable[[Sums], Mapping[str, float]] | None = None):
+  def __init__(
+    self,
+    sums_fn: Callable[[Any, Any], Sums],
+    data: Callable[[], Batches | Mapping[str, Batches]],
+    mesh,
+    *,
+    finish: Callable[[Sums], Mapping[str, float]] | None = None,
+  ):
     repl = sharding_lib.replicated(mesh)
-    self._sums = jax.jit(sums_fn, in_shardings=(repl, sharding_lib.batch_sharding(mesh)),
-                         out_shardings=repl)
+    self._sums = jax.jit(
+      sums_fn, in_shardings=(repl, sharding_lib.batch_sharding(mesh)), out_shardings=repl
+    )
     self._data, self._mesh, self._finish = data, mesh, finish
     self._sets: dict[str, list] | None = None
 
   def _shard(self, name: str, batch) -> Any:
     rows = np.shape(jax.tree.leaves(batch)[0])[0] * jax.process_count()
     if rows % self._mesh.size:
-      raise ValueError(f"an evaluation batch{f' of set {name!r}' if name else ''} has {rows} rows,"
-                       f" not a multiple of the {self._mesh.size} devices; make the held-out "
-                       "batch size a multiple of the device count.")
+      raise ValueError(
+        f"an evaluation batch{f' of set {name!r}' if name else ''} has {rows} rows,"
+        f" not a multiple of the {self._mesh.size} devices; make the held-out "
+        "batch size a multiple of the device count."
+      )
     return sharding_lib.shard_batch(batch, self._mesh)
 
   def sets(self) -> dict[str, list]:
@@ -127,8 +138,7 @@ class Evaluator:
     if self._sets is None:
       data = self._data()
       data = dict(data) if isinstance(data, Mapping) else {"": data}
-      self._sets = {name: [self._shard(name, b) for b in batches]
-                    for name, batches in data.items()}
+      self._sets = {name: [self._shard(name, b) for b in batches] for name, batches in data.items()}
     return self._sets
 
   def __call__(self, state) -> dict[str, float]:
@@ -138,8 +148,10 @@ class Evaluator:
       for batch in batches:
         sums = add(sums, self._sums(state, batch))
       if sums is None:
-        raise ValueError(f"the evaluation data{f' of set {name!r}' if name else ''} is empty; "
-                         "check the eval split of the data config.")
+        raise ValueError(
+          f"the evaluation data{f' of set {name!r}' if name else ''} is empty; "
+          "check the eval split of the data config."
+        )
       suffix = f"_{name}" if name else ""
       metrics.update({k + suffix: v for k, v in report(sums, self._finish).items()})
     return metrics

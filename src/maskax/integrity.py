@@ -28,8 +28,10 @@ def _fetchable(x: Any) -> Any:
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
       x = jax.random.key_data(x)
     if not (x.is_fully_addressable or x.is_fully_replicated):
-      raise ValueError("integrity checksums need every array fully replicated or on this "
-                       f"process; got one sharded as {x.sharding}.")
+      raise ValueError(
+        "integrity checksums need every array fully replicated or on this "
+        f"process; got one sharded as {x.sharding}."
+      )
   return x
 
 
@@ -54,8 +56,10 @@ def host_leaves(tree: Any) -> dict[str, np.ndarray]:
   """`{'params/Dense_0/kernel': array, ...}`: every array leaf of a pytree, copied to the host."""
   pairs = jax.tree_util.tree_leaves_with_path(tree)
   host = jax.device_get([_fetchable(x) for _, x in pairs])  # one batched transfer
-  return {jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(x)
-          for (path, _), x in zip(pairs, host)}
+  return {
+    jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(x)
+    for (path, _), x in zip(pairs, host)
+  }
 
 
 def tree_digests(tree: Any, *, host: dict[str, np.ndarray] | None = None) -> dict[str, str]:
@@ -66,16 +70,22 @@ def tree_digests(tree: Any, *, host: dict[str, np.ndarray] | None = None) -> dic
 
 def nonfinite(host: dict[str, np.ndarray]) -> list[str]:
   """Names of the floating-point leaves of `host_leaves(...)` that hold a NaN or an infinity."""
-  return [name for name, x in host.items()
-          if jax.dtypes.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x))]
+  return [
+    name
+    for name, x in host.items()
+    if jax.dtypes.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x))
+  ]
 
 
-def record(state: Any, data: Any, loop: Any, *,
-           host: dict[str, np.ndarray] | None = None) -> dict:
+def record(state: Any, data: Any, loop: Any, *, host: dict[str, np.ndarray] | None = None) -> dict:
   """The integrity item saved with a checkpoint of `(state, data, loop)`; `host` reuses a
   `host_leaves(state)` already fetched."""
-  return {"version": VERSION, "state": tree_digests(state, host=host),
-          "data": json_digest(data), "loop": json_digest(loop)}
+  return {
+    "version": VERSION,
+    "state": tree_digests(state, host=host),
+    "data": json_digest(data),
+    "loop": json_digest(loop),
+  }
 
 
 def mismatches(expected: Mapping[str, Any], state: Any, data: Any, loop: Any) -> list[str]:
@@ -83,7 +93,10 @@ def mismatches(expected: Mapping[str, Any], state: Any, data: Any, loop: Any) ->
   if expected.get("version") != VERSION:
     return [f"integrity record version {expected.get('version')!r} (expected {VERSION})"]
   actual = record(state, data, loop)
-  bad = [f"state/{k}" for k in sorted(set(expected["state"]) | set(actual["state"]))
-         if expected["state"].get(k) != actual["state"].get(k)]
+  bad = [
+    f"state/{k}"
+    for k in sorted(set(expected["state"]) | set(actual["state"]))
+    if expected["state"].get(k) != actual["state"].get(k)
+  ]
   bad += [k for k in ("data", "loop") if expected[k] != actual[k]]
   return bad

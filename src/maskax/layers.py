@@ -19,11 +19,15 @@ import jax.numpy as jnp
 
 def _check_mask(x, mask, x_name="x"):
   if mask.dtype != jnp.bool_:
-    raise ValueError(f"mask must be bool (True = counts), got {mask.dtype}; build it from"
-                     " lengths, e.g. `jnp.arange(T) < lengths[:, None]`.")
+    raise ValueError(
+      f"mask must be bool (True = counts), got {mask.dtype}; build it from"
+      " lengths, e.g. `jnp.arange(T) < lengths[:, None]`."
+    )
   if mask.shape != x.shape[:-1]:
-    raise ValueError(f"mask shape {mask.shape} must equal {x_name}.shape[:-1] = {x.shape[:-1]}"
-                     " (one flag per position, shared by all features).")
+    raise ValueError(
+      f"mask shape {mask.shape} must equal {x_name}.shape[:-1] = {x.shape[:-1]}"
+      " (one flag per position, shared by all features)."
+    )
 
 
 def masked_moments(x, mask, axes: Sequence[int]):
@@ -39,20 +43,21 @@ def masked_moments(x, mask, axes: Sequence[int]):
   _check_mask(x, mask)
   axes = tuple(sorted(a % x.ndim for a in axes))
   if x.ndim - 1 in axes:
-    raise ValueError(f"axes {axes} must not include the feature axis {x.ndim - 1};"
-                     " moments are per feature.")
+    raise ValueError(
+      f"axes {axes} must not include the feature axis {x.ndim - 1}; moments are per feature."
+    )
   m = mask[..., None]
-  x = jnp.where(m, x, 0.)  # safe value first: NaN/inf padding must not reach the sums
+  x = jnp.where(m, x, 0.0)  # safe value first: NaN/inf padding must not reach the sums
   count = jnp.sum(m, axis=axes, dtype=x.dtype)
-  denom = jnp.maximum(count, 1.)  # empty -> 0 / 1 = 0, not 0 / 0
+  denom = jnp.maximum(count, 1.0)  # empty -> 0 / 1 = 0, not 0 / 0
   mean = jnp.sum(x, axis=axes) / denom
   # Two-pass variance: E[x^2] - E[x]^2 cancels badly for large means (flax's use_fast_variance).
-  centered = jnp.where(m, x - jnp.expand_dims(mean, axes), 0.)
+  centered = jnp.where(m, x - jnp.expand_dims(mean, axes), 0.0)
   var = jnp.sum(jnp.square(centered), axis=axes) / denom
   return mean, var
 
 
-def remask(x, mask, value=0.):
+def remask(x, mask, value=0.0):
   """Puts `value` at invalid positions; use it after any elementwise op (ReLU, GELU).
 
   x: f32[..., F] with mask bool[...] (= x.shape[:-1]), or x and mask of the same shape.
@@ -78,9 +83,9 @@ def masked_mean_pool(x, mask):
   mask = jnp.asarray(mask)
   _check_mask(x, mask)
   m = mask[..., None]
-  total = jnp.sum(jnp.where(m, x, 0.), axis=-2)
+  total = jnp.sum(jnp.where(m, x, 0.0), axis=-2)
   count = jnp.sum(m, axis=-2, dtype=x.dtype)
-  return total / jnp.maximum(count, 1.)
+  return total / jnp.maximum(count, 1.0)
 
 
 def masked_max_pool(x, mask):
@@ -93,7 +98,7 @@ def masked_max_pool(x, mask):
   _check_mask(x, mask)
   m = mask[..., None]
   pooled = jnp.max(jnp.where(m, x, -jnp.inf), axis=-2)
-  return jnp.where(jnp.any(m, axis=-2), pooled, 0.)
+  return jnp.where(jnp.any(m, axis=-2), pooled, 0.0)
 
 
 class MaskedBatchNorm(nn.Module):
@@ -108,6 +113,7 @@ class MaskedBatchNorm(nn.Module):
   Under `jit` with a data-parallel sharding the statistics are already global; no `axis_name`
   is needed.
   """
+
   use_running_average: bool | None = None
   momentum: float = 0.99
   epsilon: float = 1e-5
@@ -123,7 +129,8 @@ class MaskedBatchNorm(nn.Module):
     x: f32[B, T, F]; mask: bool[B, T]. Returns f32[B, T, F], zero where mask is False.
     """
     use_running_average = nn.merge_param(
-        "use_running_average", self.use_running_average, use_running_average)
+      "use_running_average", self.use_running_average, use_running_average
+    )
     x = jnp.asarray(x)
     mask = jnp.asarray(mask)
     _check_mask(x, mask)
@@ -131,7 +138,7 @@ class MaskedBatchNorm(nn.Module):
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
     m = mask[..., None]
-    x = jnp.where(m, x, 0.)  # NaN padding would leak into gradients through (x - mean) * scale
+    x = jnp.where(m, x, 0.0)  # NaN padding would leak into gradients through (x - mean) * scale
 
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value
@@ -139,8 +146,8 @@ class MaskedBatchNorm(nn.Module):
       mean, var = masked_moments(x, mask, tuple(range(x.ndim - 1)))
       if not self.is_initializing():
         any_valid = jnp.any(mask)
-        new_mean = self.momentum * ra_mean.value + (1. - self.momentum) * mean
-        new_var = self.momentum * ra_var.value + (1. - self.momentum) * var
+        new_mean = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
+        new_var = self.momentum * ra_var.value + (1.0 - self.momentum) * var
         ra_mean.value = jnp.where(any_valid, new_mean, ra_mean.value)
         ra_var.value = jnp.where(any_valid, new_var, ra_var.value)
 
@@ -150,7 +157,7 @@ class MaskedBatchNorm(nn.Module):
       y = y * per_feature(self.param("scale", self.scale_init, (features,), jnp.float32))
     if self.use_bias:
       y = y + per_feature(self.param("bias", self.bias_init, (features,), jnp.float32))
-    return jnp.where(m, y, 0.)
+    return jnp.where(m, y, 0.0)
 
 
 class MaskedConv1D(nn.Module):
@@ -160,6 +167,7 @@ class MaskedConv1D(nn.Module):
   right-padded mask the valid outputs equal those of the unpadded sequence under zero padding;
   a hole inside a sequence is read as a zero step.
   """
+
   features: int
   kernel_size: int
   padding: str = "SAME"
@@ -179,7 +187,16 @@ class MaskedConv1D(nn.Module):
     mask = jnp.asarray(mask)
     _check_mask(x, mask)
     m = mask[..., None]
-    x = jnp.where(m, x, 0.)
-    y = nn.Conv(self.features, (self.kernel_size,), padding=self.padding, use_bias=self.use_bias,
-                kernel_init=self.kernel_init, bias_init=self.bias_init, name="conv")(x)
-    return jnp.where(m, y, 0.)  # the bias (and kernels reading valid neighbours) would fill padding
+    x = jnp.where(m, x, 0.0)
+    y = nn.Conv(
+      self.features,
+      (self.kernel_size,),
+      padding=self.padding,
+      use_bias=self.use_bias,
+      kernel_init=self.kernel_init,
+      bias_init=self.bias_init,
+      name="conv",
+    )(x)
+    return jnp.where(
+      m, y, 0.0
+    )  # the bias (and kernels reading valid neighbours) would fill padding

@@ -60,7 +60,8 @@ def reduce_loss(per_elem, mask, *, mode: str = "token_mean", weights=None):
   per_elem, mask = jnp.asarray(per_elem), jnp.asarray(mask)
   if per_elem.ndim < 1 or per_elem.shape != mask.shape:
     raise ValueError(
-        f"per_elem {per_elem.shape} and mask {mask.shape} must have the same shape [B, ...].")
+      f"per_elem {per_elem.shape} and mask {mask.shape} must have the same shape [B, ...]."
+    )
   if mask.dtype != jnp.bool_:
     raise ValueError(f"mask must be bool, got {mask.dtype}.")
   if mode not in MODES:
@@ -111,8 +112,16 @@ def _check_logits_labels(logits, labels, mask):
     raise ValueError(f"labels must be integer class ids, got {labels.dtype}.")
 
 
-def masked_xent(logits, labels, mask, *, label_smoothing: float = 0.0, ignore_index=None,
-                weights=None, mode: str = "token_mean"):
+def masked_xent(
+  logits,
+  labels,
+  mask,
+  *,
+  label_smoothing: float = 0.0,
+  ignore_index=None,
+  weights=None,
+  mode: str = "token_mean",
+):
   """Softmax cross-entropy over valid elements, reduced by `mode`.
 
   logits: f32[B, ..., V], labels: i32[B, ...], mask: bool[B, ...], weights: f32[B, ...] | None.
@@ -176,13 +185,15 @@ def mlm_slot_accuracies(logits, batch, mask_id: int) -> dict:
   {`mlm_accuracy_<kind>`: (total, weight)}.
   """
   ids, weights = batch["masked_lm_ids"], batch["masked_lm_weights"]
-  shown = jnp.take_along_axis(batch["input_ids"], batch["masked_lm_positions"], axis=1,
-                              mode="clip")  # unused slots (weight 0) may hold any position
+  shown = jnp.take_along_axis(
+    batch["input_ids"], batch["masked_lm_positions"], axis=1, mode="clip"
+  )  # unused slots (weight 0) may hold any position
   kinds = {"mask_slots": shown == mask_id, "kept_slots": shown == ids}
   kinds["random_slots"] = ~(kinds["mask_slots"] | kinds["kept_slots"])
-  return {f"mlm_accuracy_{name}": masked_accuracy(logits, ids, kind & (weights > 0),
-                                                  weights=weights)
-          for name, kind in kinds.items()}
+  return {
+    f"mlm_accuracy_{name}": masked_accuracy(logits, ids, kind & (weights > 0), weights=weights)
+    for name, kind in kinds.items()
+  }
 
 
 def nsp_loss(logits, labels, mask=None):
@@ -229,8 +240,15 @@ def masked_gaussian_nll(mean, log_var, target, mask, *, mode: str = "token_mean"
   return reduce_loss(per_elem, mask, mode=mode)
 
 
-def dense_xent(logits, labels, *, ignore_label: int | None = 255, class_weights=None, keep=None,
-               mode: str = "token_mean"):
+def dense_xent(
+  logits,
+  labels,
+  *,
+  ignore_label: int | None = 255,
+  class_weights=None,
+  keep=None,
+  mode: str = "token_mean",
+):
   """Per-pixel cross-entropy for segmentation, reduced by `mode`.
 
   logits: f32[B, H, W, C], labels: i32[B, H, W], class_weights: f32[C] | None, keep:
@@ -252,7 +270,8 @@ def dense_xent(logits, labels, *, ignore_label: int | None = 255, class_weights=
     class_weights = jnp.asarray(class_weights, jnp.float32)
     if class_weights.shape != logits.shape[-1:]:
       raise ValueError(
-          f"class_weights must be f32[C={logits.shape[-1]}], got {class_weights.shape}.")
+        f"class_weights must be f32[C={logits.shape[-1]}], got {class_weights.shape}."
+      )
     weights = class_weights[jnp.where(valid, labels, 0)]
   return masked_xent(logits, labels, valid, weights=weights, mode=mode)
 

@@ -34,16 +34,18 @@ def check_lengths(lengths, T: int):
   """
   if not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
     raise ValueError(
-        f"lengths must be an integer array, got dtype {jnp.result_type(lengths)}; pass"
-        " lengths.astype(jnp.int32).")
+      f"lengths must be an integer array, got dtype {jnp.result_type(lengths)}; pass"
+      " lengths.astype(jnp.int32)."
+    )
   values = _concrete(lengths)
   if values is not None and values.size:
     bad = np.argwhere((values < 0) | (values > T))
     if bad.size:
       where = tuple(int(i) for i in bad[0])
       raise ValueError(
-          f"lengths must satisfy 0 <= length <= T={T}; lengths{list(where)} ="
-          f" {values[where]}. Pad the inputs to a longer T or clip the lengths.")
+        f"lengths must satisfy 0 <= length <= T={T}; lengths{list(where)} ="
+        f" {values[where]}. Pad the inputs to a longer T or clip the lengths."
+      )
   return lengths
 
 
@@ -76,9 +78,10 @@ def lengths_from_mask(mask, *, check_right_padded: bool = False) -> jax.Array:
     if bad.size:
       row = tuple(int(i) for i in bad[0])
       raise ValueError(
-          f"mask{list(row)} = {values[row].astype(int).tolist()} is not right-padded (True"
-          " steps must come first), so a length cannot describe it. Use the step mask itself"
-          " (scan accepts masks with holes) or fix the padding side.")
+        f"mask{list(row)} = {values[row].astype(int).tolist()} is not right-padded (True"
+        " steps must come first), so a length cannot describe it. Use the step mask itself"
+        " (scan accepts masks with holes) or fix the padding side."
+      )
   return lengths
 
 

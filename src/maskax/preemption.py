@@ -28,8 +28,10 @@ class Preempted(Exception):
   """Training stopped early on a preemption notice; the checkpoint at `step` is committed."""
 
   def __init__(self, step: int, workdir: str):
-    super().__init__(f"preempted: stopped at step {step} after saving a checkpoint in "
-                     f"{workdir}; run the same command again to resume.")
+    super().__init__(
+      f"preempted: stopped at step {step} after saving a checkpoint in "
+      f"{workdir}; run the same command again to resume."
+    )
     self.step = step
     self.workdir = workdir
 

@@ -57,10 +57,16 @@ def _read_records(path: str) -> tuple[list[dict], bool]:
       records.append(record)
     except json.JSONDecodeError as e:
       if i + 1 < len(lines):
-        raise ValueError(f"{path}, line {number}, is not valid JSON ({e.msg}); fix or delete "
-                         "that line, then run again.") from None
-      logging.warning("%s: dropped a torn last line (%d characters), as left by a process "
-                      "killed while writing it.", path, len(line.rstrip("\n")))
+        raise ValueError(
+          f"{path}, line {number}, is not valid JSON ({e.msg}); fix or delete "
+          "that line, then run again."
+        ) from None
+      logging.warning(
+        "%s: dropped a torn last line (%d characters), as left by a process "
+        "killed while writing it.",
+        path,
+        len(line.rstrip("\n")),
+      )
       torn = True
   return records, torn
 
@@ -76,8 +82,7 @@ class MetricWriter:
     if self.active and resume_step >= 0:
       self._truncate_after(resume_step)
     if self.active:
-      self._events = _open_events(workdir, purge_step=resume_step + 1 if resume_step >= 0
-                                  else None)
+      self._events = _open_events(workdir, purge_step=resume_step + 1 if resume_step >= 0 else None)
 
   def _truncate_after(self, step: int) -> None:
     # A killed run may have logged steps past its last checkpoint; the resumed run recomputes
@@ -102,8 +107,9 @@ class MetricWriter:
       tbx = _tensorboardx()
       now = time.time()
       for k, v in metrics.items():
-        self._events.write_event(tbx.Event(wall_time=now, step=int(step),
-                                           summary=tbx.scalar(k, float(v))))
+        self._events.write_event(
+          tbx.Event(wall_time=now, step=int(step), summary=tbx.scalar(k, float(v)))
+        )
       self._events.flush()  # a run killed right after a checkpoint keeps its curve up to it
 
   def close(self) -> None:
@@ -126,15 +132,23 @@ def _open_events(workdir: str, *, purge_step: int | None):
   try:
     tbx = _tensorboardx()
   except ImportError:
-    logging.warning("tensorboardX is not installed: no TensorBoard event files in %s "
-                    "(pip install -r requirements.txt).", workdir)
+    logging.warning(
+      "tensorboardX is not installed: no TensorBoard event files in %s "
+      "(pip install -r requirements.txt).",
+      workdir,
+    )
     return None
   # The writer names its file by the second; the suffix keeps a second file in the same second
   # (a quick resume) from overwriting the first, and sorts after it as TensorBoard reads them.
   events = tbx.EventsWriter(os.path.join(workdir, "events"), f".{time.time_ns()}")
   if purge_step is not None:
-    events.write_event(tbx.Event(wall_time=time.time(), step=purge_step,
-                                 session_log=tbx.SessionLog(status=tbx.SessionLog.START)))
+    events.write_event(
+      tbx.Event(
+        wall_time=time.time(),
+        step=purge_step,
+        session_log=tbx.SessionLog(status=tbx.SessionLog.START),
+      )
+    )
   events.flush()
   return events
 
@@ -154,8 +168,9 @@ def _tensorboardx():
   finally:
     if hide_torch and sys.modules.get("torch", 0) is None:
       del sys.modules["torch"]
-  return types.SimpleNamespace(EventsWriter=EventsWriter, Event=Event, SessionLog=SessionLog,
-                               scalar=scalar)
+  return types.SimpleNamespace(
+    EventsWriter=EventsWriter, Event=Event, SessionLog=SessionLog, scalar=scalar
+  )
 
 
 def _jsonable(v):
@@ -167,9 +182,11 @@ def _jsonable(v):
 # window of training time subtracts what its own thread compiled, so that neither the first
 # step's compilation nor a later recompile (a new padded shape) counts as training, while an
 # orbax thread's work does not leak into the loop's numbers.
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
+_COMPILE_EVENTS = (
+  "/jax/core/compile/jaxpr_trace_duration",
+  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+  "/jax/core/compile/backend_compile_duration",
+)
 _compile_s: dict[int, float] = {}
 _listening = False
 

@@ -28,8 +28,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 from maskax import stats, sweep  # noqa: E402
 
 CONFIDENCE = 0.95
-CSV_COLUMNS = ("metric", "n", "mean", "std", "ci_low", "ci_high", "diff_n", "diff_mean",
-               "diff_ci_low", "diff_ci_high")
+CSV_COLUMNS = (
+  "metric",
+  "n",
+  "mean",
+  "std",
+  "ci_low",
+  "ci_high",
+  "diff_n",
+  "diff_mean",
+  "diff_ci_low",
+  "diff_ci_high",
+)
 
 
 def _fmt(v: Any, sign: bool = False) -> str:
@@ -62,8 +72,10 @@ def _infer_manifest(workdir: str) -> dict:
       cell, seed = (match[1] or "all", int(match[2])) if match else (name, None)
       runs.append({"dir": name, "cell": cell, "seed": seed, "values": {}})
   if not runs:
-    raise FileNotFoundError(f"{workdir} holds no sweep (sweep.json or run folders with "
-                            "metrics.jsonl) and no run (metrics.jsonl).")
+    raise FileNotFoundError(
+      f"{workdir} holds no sweep (sweep.json or run folders with "
+      "metrics.jsonl) and no run (metrics.jsonl)."
+    )
   return {"axes": [], "seeds": None, "baseline": runs[0]["cell"], "metrics": None, "runs": runs}
 
 
@@ -73,13 +85,19 @@ def reported_metrics(manifest: Mapping, finals: Mapping[str, dict | None]) -> li
     return list(manifest["metrics"])
   seen: dict[str, None] = {}
   for final in finals.values():
-    seen.update({k: None for k, v in (final or {}).items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    seen.update(
+      {
+        k: None
+        for k, v in (final or {}).items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+      }
+    )
   return list(seen)
 
 
-def summarize_sweep(manifest: Mapping, finals: Mapping[str, dict | None],
-                    metrics: Sequence[str]) -> list[dict]:
+def summarize_sweep(
+  manifest: Mapping, finals: Mapping[str, dict | None], metrics: Sequence[str]
+) -> list[dict]:
   """One row per (cell, metric): `{"cell", "values", "metric", "summary", "diff"}`, where
   summary is over the cell's finished runs and diff (None for the baseline itself) is the
   cell minus the baseline cell, paired by seed."""
@@ -94,10 +112,18 @@ def summarize_sweep(manifest: Mapping, finals: Mapping[str, dict | None],
     base = {s: _number(f.get(metric)) for s, f in baseline.items()}
     for name, cell in by_cell.items():
       values = {s: _number(f.get(metric)) for s, f in cell["finals"].items()}
-      diff = (None if name == manifest["baseline"]
-              else stats.paired_difference(values, base, CONFIDENCE))
-      rows.append({"cell": name, "values": cell["values"], "metric": metric, "diff": diff,
-                   "summary": stats.summarize(list(values.values()), CONFIDENCE)})
+      diff = (
+        None if name == manifest["baseline"] else stats.paired_difference(values, base, CONFIDENCE)
+      )
+      rows.append(
+        {
+          "cell": name,
+          "values": cell["values"],
+          "metric": metric,
+          "diff": diff,
+          "summary": stats.summarize(list(values.values()), CONFIDENCE),
+        }
+      )
   return rows
 
 
@@ -119,19 +145,27 @@ def _key_values(manifest: Mapping, row: Mapping) -> list[Any]:
 
 def markdown(manifest: Mapping, rows: Sequence[Mapping], unfinished: Sequence[str]) -> str:
   seeds = manifest.get("seeds")
-  lines = ["# Sweep results", "",
-           f"Seeds: {', '.join(map(str, seeds)) if seeds else 'one per cell (not swept)'}. "
-           f"Intervals: {CONFIDENCE:.0%} Student t over seeds, mean ± t(n-1)·std/√n. "
-           f"Δ: the cell minus the baseline cell `{manifest['baseline']}`, paired by seed; "
-           "an interval that contains 0 means the difference is within seed noise.", ""]
+  lines = [
+    "# Sweep results",
+    "",
+    f"Seeds: {', '.join(map(str, seeds)) if seeds else 'one per cell (not swept)'}. "
+    f"Intervals: {CONFIDENCE:.0%} Student t over seeds, mean ± t(n-1)·std/√n. "
+    f"Δ: the cell minus the baseline cell `{manifest['baseline']}`, paired by seed; "
+    "an interval that contains 0 means the difference is within seed noise.",
+    "",
+  ]
   if unfinished:
     lines += [f"Not counted (no final.json yet): {', '.join(unfinished)}.", ""]
   keys = _key_columns(manifest)
   for metric in dict.fromkeys(r["metric"] for r in rows):
-    lines += [f"## {metric}", "",
-              "| " + " | ".join(keys + ["mean", "std", "n", "95% CI", "Δ vs baseline",
-                                      "Δ 95% CI", "Δ vs noise"]) + " |",
-              "|" + "---|" * (len(keys) + 7)]
+    lines += [
+      f"## {metric}",
+      "",
+      "| "
+      + " | ".join(keys + ["mean", "std", "n", "95% CI", "Δ vs baseline", "Δ 95% CI", "Δ vs noise"])
+      + " |",
+      "|" + "---|" * (len(keys) + 7),
+    ]
     for row in (r for r in rows if r["metric"] == metric):
       s, d = row["summary"], row["diff"]
       cells = [_fmt(v) for v in _key_values(manifest, row)]
@@ -140,8 +174,7 @@ def markdown(manifest: Mapping, rows: Sequence[Mapping], unfinished: Sequence[st
         cells += ["baseline", "", ""]
       else:
         verdict = "" if d.n < 2 else ("differs" if d.excludes_zero() else "within noise")
-        cells += [_fmt(d.mean, sign=True), f"[{_fmt(d.low, True)}, {_fmt(d.high, True)}]",
-                  verdict]
+        cells += [_fmt(d.mean, sign=True), f"[{_fmt(d.low, True)}, {_fmt(d.high, True)}]", verdict]
       lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
   return "\n".join(lines)
@@ -155,15 +188,27 @@ def write_csv(path: str, manifest: Mapping, rows: Sequence[Mapping]) -> None:
     nan = math.nan
     for row in rows:
       s, d = row["summary"], row["diff"]
-      writer.writerow(_key_values(manifest, row) + [
-          row["metric"], s.n, s.mean, s.std, s.low, s.high,
-          *((d.n, d.mean, d.low, d.high) if d is not None else (0, nan, nan, nan))])
+      writer.writerow(
+        _key_values(manifest, row)
+        + [
+          row["metric"],
+          s.n,
+          s.mean,
+          s.std,
+          s.low,
+          s.high,
+          *((d.n, d.mean, d.low, d.high) if d is not None else (0, nan, nan, nan)),
+        ]
+      )
 
 
 def curves(records: Sequence[Mapping[str, Any]], metric: str) -> dict[int, tuple[float, float]]:
   """`{step: (time, value)}` of every record that holds `metric` as a number."""
-  return {r["step"]: (r.get("time", math.nan), float(r[metric])) for r in records
-          if isinstance(r.get(metric), (int, float))}
+  return {
+    r["step"]: (r.get("time", math.nan), float(r[metric]))
+    for r in records
+    if isinstance(r.get(metric), (int, float))
+  }
 
 
 def default_metrics(histories: Sequence[Sequence[Mapping]]) -> list[str]:
@@ -175,8 +220,9 @@ def default_metrics(histories: Sequence[Sequence[Mapping]]) -> list[str]:
   return ["loss"] + list(seen)
 
 
-def plot(path: str, groups: Sequence[tuple[str, Sequence[Sequence[Mapping]]]],
-         metrics: Sequence[str]) -> str:
+def plot(
+  path: str, groups: Sequence[tuple[str, Sequence[Sequence[Mapping]]]], metrics: Sequence[str]
+) -> str:
   """One row of panels per metric, against step (left) and training wall time (right): per
   group (a cell) the mean over its histories (seeds) at the steps all of them logged, with a
   band of one standard deviation where there are two or more."""
@@ -200,9 +246,14 @@ def plot(path: str, groups: Sequence[tuple[str, Sequence[Sequence[Mapping]]]],
         if len(xs) == 1:  # a band needs two x values: an error bar shows one point's spread
           ax.errorbar(xs, mean, yerr=std, marker="o", capsize=4, label=label_n)
           continue
-        line, = ax.plot(xs, mean, marker=".", label=label_n)
-        ax.fill_between(xs, [m - d for m, d in zip(mean, std)],
-                        [m + d for m, d in zip(mean, std)], color=line.get_color(), alpha=0.2)
+        (line,) = ax.plot(xs, mean, marker=".", label=label_n)
+        ax.fill_between(
+          xs,
+          [m - d for m, d in zip(mean, std)],
+          [m + d for m, d in zip(mean, std)],
+          color=line.get_color(),
+          alpha=0.2,
+        )
     axes[row][0].set_xlabel("step")
     axes[row][1].set_xlabel("training wall time (s)")
     for ax in axes[row]:
@@ -220,6 +271,7 @@ def plot(path: str, groups: Sequence[tuple[str, Sequence[Sequence[Mapping]]]],
 def write_sweep_report(workdir: str) -> tuple[str, str, str]:
   """results.md, results.csv and results.png in the sweep's `workdir`; returns their paths."""
   from maskax import progress  # JAX comes with it: only once there is something to read
+
   manifest, finals = load_sweep(workdir)
   if not any(f is not None for f in finals.values()):
     raise FileNotFoundError(f"{workdir}: no run of the sweep has finished (no final.json).")
@@ -232,21 +284,27 @@ def write_sweep_report(workdir: str) -> tuple[str, str, str]:
   write_csv(csv_path, manifest, rows)
   groups: dict[str, list] = {}
   for r in manifest["runs"]:
-    groups.setdefault(r["cell"], []).append(
-        progress.read_metrics(os.path.join(workdir, r["dir"])))
+    groups.setdefault(r["cell"], []).append(progress.read_metrics(os.path.join(workdir, r["dir"])))
   all_histories = [h for hs in groups.values() for h in hs]
   plotted = [m for m in metrics if any(curves(h, m) for h in all_histories)]
-  png = plot(os.path.join(workdir, "results.png"), list(groups.items()),
-             plotted or default_metrics(all_histories))
+  png = plot(
+    os.path.join(workdir, "results.png"),
+    list(groups.items()),
+    plotted or default_metrics(all_histories),
+  )
   return md, csv_path, png
 
 
 def write_run_report(workdir: str) -> str:
   """One run's curves (every eval metric and the loss) as `workdir/results.png`."""
   from maskax import progress
+
   records = progress.read_metrics(workdir)
-  return plot(os.path.join(workdir, "results.png"), [(os.path.basename(workdir.rstrip("/")),
-                                                      [records])], default_metrics([records]))
+  return plot(
+    os.path.join(workdir, "results.png"),
+    [(os.path.basename(workdir.rstrip("/")), [records])],
+    default_metrics([records]),
+  )
 
 
 def main(argv: Sequence[str]) -> int:
@@ -258,7 +316,8 @@ def main(argv: Sequence[str]) -> int:
     if not os.path.isdir(workdir):
       raise FileNotFoundError(f"{workdir} is not a directory.")
     if sweep.read_manifest(workdir) is None and os.path.isfile(
-        os.path.join(workdir, "metrics.jsonl")):
+      os.path.join(workdir, "metrics.jsonl")
+    ):
       print(f"wrote {write_run_report(workdir)}")
       return 0
     md, csv_path, png = write_sweep_report(workdir)

@@ -58,13 +58,16 @@ def restore_params(workdir: str, step: int | None = None) -> Trained:
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   steps = _steps(directory)
   if not steps:
-    raise FileNotFoundError(f"{workdir} holds no checkpoint: train it first (the same launch "
-                            "command with --workdir) or point --workdir at a trained run.")
+    raise FileNotFoundError(
+      f"{workdir} holds no checkpoint: train it first (the same launch "
+      "command with --workdir) or point --workdir at a trained run."
+    )
   if step is None:
     step = steps[-1]
   elif step not in steps:
-    raise ValueError(f"{workdir} has no checkpoint at step {step}; it has steps "
-                     f"{', '.join(map(str, steps))}.")
+    raise ValueError(
+      f"{workdir} has no checkpoint at step {step}; it has steps {', '.join(map(str, steps))}."
+    )
   path = os.path.join(directory, str(step), "state")
   reader = ocp.PyTreeCheckpointer()
   try:
@@ -72,14 +75,21 @@ def restore_params(workdir: str, step: int | None = None) -> Trained:
     # file the `state` item never has and logs a warning on every restore.
     tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
     wanted = {k: tree[k] for k in PARTS if tree.get(k)}  # an empty model_state is not saved
-    restored = reader.restore(path, args=ocp.args.PyTreeRestore(
-        item=wanted, partial_restore=True,
-        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)))
+    restored = reader.restore(
+      path,
+      args=ocp.args.PyTreeRestore(
+        item=wanted,
+        partial_restore=True,
+        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted),
+      ),
+    )
   except Exception as e:  # orbax and tensorstore raise many types for missing/short files
     unreadable = ckpt_lib.unreadable_file(path)
     error = ckpt_lib.CheckpointReadError if unreadable else ckpt_lib.CorruptCheckpointError
-    raise error(f"{path} cannot be read ({unreadable or type(e).__name__}: "
-                f"{(str(e).strip().splitlines() or [''])[0][:200]})") from e
+    raise error(
+      f"{path} cannot be read ({unreadable or type(e).__name__}: "
+      f"{(str(e).strip().splitlines() or [''])[0][:200]})"
+    ) from e
   record = ckpt_lib.Checkpointer(directory, every=1, keep=1, reader=True)
   try:
     loop = record.read_loop(step)
@@ -90,7 +100,13 @@ def restore_params(workdir: str, step: int | None = None) -> Trained:
   bad = [k for k, v in actual.items() if expected.get("state", {}).get(k) != v]
   if bad:
     raise ckpt_lib.CorruptCheckpointError(
-        f"{path} does not match its checksums: {', '.join(bad[:5])}")
+      f"{path} does not match its checksums: {', '.join(bad[:5])}"
+    )
   config = loop.get("config") or runs.read_run_record(workdir).get("config", {})
-  return Trained(params=restored["params"], model_state=restored.get("model_state", {}),
-                 step=step, config=config, workdir=workdir)
+  return Trained(
+    params=restored["params"],
+    model_state=restored.get("model_state", {}),
+    step=step,
+    config=config,
+    workdir=workdir,
+  )

@@ -22,8 +22,12 @@ TOPOLOGY_FILE = "topology.json"
 # Keys that may change between a run and its resume: they decide how long and how often, not
 # what is computed. Experiments add their own (generation options, ...) via RESUME_SAFE_KEYS.
 RESUME_SAFE_KEYS = (
-    "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
-    "train.keep_checkpoints", "train.async_checkpoints",
+  "train.steps",
+  "train.log_every",
+  "train.eval_every",
+  "train.checkpoint_every",
+  "train.keep_checkpoints",
+  "train.async_checkpoints",
 )
 
 
@@ -46,8 +50,12 @@ def _jsonify(value):
   return json.loads(json.dumps(value, default=str))
 
 
-def config_diff(old: Mapping[str, Any], new: Mapping[str, Any],
-                safe: Iterable[str] = (), pinned: Iterable[str] = ()) -> list[str]:
+def config_diff(
+  old: Mapping[str, Any],
+  new: Mapping[str, Any],
+  safe: Iterable[str] = (),
+  pinned: Iterable[str] = (),
+) -> list[str]:
   """Lines `key: old -> new` for every key that differs, except keys in or under `safe`.
 
   `pinned` takes keys back out of the default safe set: an experiment whose learning-rate
@@ -80,8 +88,10 @@ def read_run_record(workdir: str) -> dict[str, Any]:
 def checkpoint_run_record(workdir: str) -> tuple[dict[str, Any], int] | None:
   """The run record saved in the newest checkpoint that has a verified one, and its step."""
   from maskax import checkpoint as ckpt_lib  # orbax: only when there is a checkpoint to read
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1,
-                                       reader=True)
+
+  checkpointer = ckpt_lib.Checkpointer(
+    os.path.join(workdir, "checkpoints"), every=1, keep=1, reader=True
+  )
   try:
     for step in reversed(checkpointer.all_steps()):
       try:
@@ -116,9 +126,16 @@ def _write_json_atomic(path: str, value: Any) -> None:
   os.replace(tmp, path)
 
 
-def write_config(workdir: str, config: Mapping[str, Any], *, safe: Iterable[str] = (),
-                 pinned: Iterable[str] = (), allow_change: bool = False, is_writer: bool = True,
-                 topology: Mapping[str, Any] | None = None) -> None:
+def write_config(
+  workdir: str,
+  config: Mapping[str, Any],
+  *,
+  safe: Iterable[str] = (),
+  pinned: Iterable[str] = (),
+  allow_change: bool = False,
+  is_writer: bool = True,
+  topology: Mapping[str, Any] | None = None,
+) -> None:
   """Writes `workdir/config.json` (and `topology.json`); on resume, first checks them.
 
   `topology` is e.g. `{"process_count": 2, "device_count": 8, "data_workers": 2}`: a resume on
@@ -143,9 +160,11 @@ def write_config(workdir: str, config: Mapping[str, Any], *, safe: Iterable[str]
       diff += config_diff({"topology": stored["topology"]}, {"topology": topology}, ())
     if diff and not allow_change:
       raise ConfigChangedError(
-          f"{workdir} holds a run with a different config ({source}); resuming would mix two"
-          " experiments:\n" + "\n".join(diff)
-          + "\nUse a new --workdir, restore those values, or pass --allow_config_change.")
+        f"{workdir} holds a run with a different config ({source}); resuming would mix two"
+        " experiments:\n"
+        + "\n".join(diff)
+        + "\nUse a new --workdir, restore those values, or pass --allow_config_change."
+      )
   if is_writer:
     try:
       os.makedirs(workdir, exist_ok=True)
@@ -153,8 +172,9 @@ def write_config(workdir: str, config: Mapping[str, Any], *, safe: Iterable[str]
       if topology is not None:
         _write_json_atomic(topo_path, _jsonify(topology))
     except OSError as e:
-      raise PermissionError(f"cannot write to workdir {workdir!r} ({e.strerror}); pick a "
-                            "writable --workdir.") from None
+      raise PermissionError(
+        f"cannot write to workdir {workdir!r} ({e.strerror}); pick a writable --workdir."
+      ) from None
 
 
 def _positive_finite(v) -> bool:
@@ -168,12 +188,15 @@ def _non_negative_int(v) -> bool:
 # Values that no experiment can train with, checked before anything is built so that the error
 # names the config key (not an optax or data argument deep inside). key -> (test, requirement).
 _VALUE_RULES = {
-    "train.learning_rate": (_positive_finite, "a finite number > 0"),
-    "train.steps": (_non_negative_int, "an integer > 0 (0 only where the experiment derives "
-                    "it, e.g. char_rnn from train.tokens_budget)"),
-    "train.warmup_steps": (_non_negative_int, "an integer >= 0"),
-    "train.weight_decay": (lambda v: _positive_finite(v) or v == 0, "a finite number >= 0"),
-    "train.grad_clip": (lambda v: _positive_finite(v) or v == 0, "a finite number >= 0 (0: none)"),
+  "train.learning_rate": (_positive_finite, "a finite number > 0"),
+  "train.steps": (
+    _non_negative_int,
+    "an integer > 0 (0 only where the experiment derives "
+    "it, e.g. char_rnn from train.tokens_budget)",
+  ),
+  "train.warmup_steps": (_non_negative_int, "an integer >= 0"),
+  "train.weight_decay": (lambda v: _positive_finite(v) or v == 0, "a finite number >= 0"),
+  "train.grad_clip": (lambda v: _positive_finite(v) or v == 0, "a finite number >= 0 (0: none)"),
 }
 
 
@@ -186,8 +209,10 @@ def check_workdir(workdir: str) -> None:
   """
   scheme, sep, _ = workdir.partition("://")
   if sep:
-    raise ValueError(f"--workdir={workdir}: {scheme}:// workdirs are not supported yet; mount the "
-                     "bucket (e.g. gcsfuse) and pass the mounted path instead.")
+    raise ValueError(
+      f"--workdir={workdir}: {scheme}:// workdirs are not supported yet; mount the "
+      "bucket (e.g. gcsfuse) and pass the mounted path instead."
+    )
 
 
 def check_values(config: Mapping[str, Any]) -> None:
@@ -196,17 +221,19 @@ def check_values(config: Mapping[str, Any]) -> None:
   flat = flatten(config)
   for key, (ok, requirement) in _VALUE_RULES.items():
     if key in flat and not ok(flat[key]):
-      raise ValueError(f"{key}={flat[key]!r} must be {requirement}; set "
-                       f"--config.{key}=VALUE.")
+      raise ValueError(f"{key}={flat[key]!r} must be {requirement}; set --config.{key}=VALUE.")
   batch = flat.get("train.batch_size")
   if batch is not None and not (batch > 0 or flat.get("train.batch_chars", 0) > 0):
-    raise ValueError(f"train.batch_size={batch!r} must be a positive integer (rows per global "
-                     "batch); set --config.train.batch_size=VALUE.")
+    raise ValueError(
+      f"train.batch_size={batch!r} must be a positive integer (rows per global "
+      "batch); set --config.train.batch_size=VALUE."
+    )
 
 
 def format_final(metrics: Mapping[str, float]) -> str:
   """The last lines a run prints: its final metrics, one per line."""
   lines = ["final metrics:"]
-  lines += [f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}"
-            for k, v in sorted(metrics.items())]
+  lines += [
+    f"  {k}: {v:.6g}" if isinstance(v, float) else f"  {k}: {v}" for k, v in sorted(metrics.items())
+  ]
   return "\n".join(lines)

@@ -45,8 +45,9 @@ def local_batch_size(global_batch_size: int, *, mesh: Mesh | None = None) -> int
   n_dev, n_proc = mesh.size, jax.process_count()
   if global_batch_size <= 0 or global_batch_size % n_dev:
     raise ValueError(
-        f"batch_size={global_batch_size} must be a positive multiple of the number of devices"
-        f" ({n_dev}); set --config.train.batch_size to a multiple of {n_dev}.")
+      f"batch_size={global_batch_size} must be a positive multiple of the number of devices"
+      f" ({n_dev}); set --config.train.batch_size to a multiple of {n_dev}."
+    )
   return global_batch_size // n_proc
 
 
@@ -75,8 +76,9 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     global_shape = (x.shape[0] * n_proc,) + x.shape[1:]
     if global_shape[0] % mesh.size:
       raise ValueError(
-          f"global batch of {global_shape[0]} rows does not divide over {mesh.size} devices;"
-          " set --config.train.batch_size to a multiple of the device count.")
+        f"global batch of {global_shape[0]} rows does not divide over {mesh.size} devices;"
+        " set --config.train.batch_size to a multiple of the device count."
+      )
     return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
   return jax.tree.map(to_global, batch)

@@ -22,8 +22,10 @@ def _beta_fraction(x: float, a: float, b: float) -> float:
   d = 1.0 / (d if abs(d) > tiny else tiny)
   h = d
   for m in range(1, 1000):
-    for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                      -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+    for numerator in (
+      m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+      -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+    ):
       d = 1.0 + numerator * d
       d = 1.0 / (d if abs(d) > tiny else tiny)
       c = 1.0 + numerator / c
@@ -40,8 +42,9 @@ def incomplete_beta(x: float, a: float, b: float) -> float:
     return 0.0
   if x >= 1.0:
     return 1.0
-  log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-               + a * math.log(x) + b * math.log1p(-x))
+  log_front = (
+    math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+  )
   if x < (a + 1.0) / (a + b + 2.0):
     return math.exp(log_front) * _beta_fraction(x, a, b) / a
   return 1.0 - math.exp(log_front) * _beta_fraction(1.0 - x, b, a) / b
@@ -104,8 +107,9 @@ def summarize(values: Sequence[float], confidence: float = 0.95) -> Summary:
   return Summary(mean, std, n, mean - half, mean + half)
 
 
-def paired_difference(values: Mapping[int, float], baseline: Mapping[int, float],
-                      confidence: float = 0.95) -> Summary:
+def paired_difference(
+  values: Mapping[int, float], baseline: Mapping[int, float], confidence: float = 0.95
+) -> Summary:
   """`values - baseline` paired by seed (the keys), over the seeds both have.
 
   Pairing removes what two cells share at one seed (the same init and data order), so the

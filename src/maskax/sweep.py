@@ -85,12 +85,14 @@ def convert(text: str, current: Any, key: str) -> Any:
       return text
     return kind(ast.literal_eval(text))
   except (ValueError, SyntaxError):
-    raise ValueError(f"--sweep: value {text!r} is not a valid {kind.__name__} for {key!r}.") \
-        from None
+    raise ValueError(
+      f"--sweep: value {text!r} is not a valid {kind.__name__} for {key!r}."
+    ) from None
 
 
-def parse_grid(specs: Sequence[str], config: Mapping[str, Any], *, seeds: int = 0
-               ) -> tuple[list[tuple[str, list[Any]]], list[int] | None]:
+def parse_grid(
+  specs: Sequence[str], config: Mapping[str, Any], *, seeds: int = 0
+) -> tuple[list[tuple[str, list[Any]]], list[int] | None]:
   """`(axes, seeds)` from the --sweep flags and --seeds=N (flat `config`, as in `parse_axis`).
 
   `--sweep=seed=0,1,2` and `--seeds=3` both sweep the seed; it is kept apart from the axes
@@ -119,8 +121,7 @@ def plan(axes: Sequence[tuple[str, Sequence[Any]]], seeds: Sequence[int] | None)
   half-way has compared every cell at least once instead of repeating the first one."""
   keys = [k for k, _ in axes]
   cells = [tuple(zip(keys, values)) for values in itertools.product(*[v for _, v in axes])]
-  return [Run(cell, seed) for seed in (seeds if seeds is not None else [None])
-          for cell in cells]
+  return [Run(cell, seed) for seed in (seeds if seeds is not None else [None]) for cell in cells]
 
 
 def find_cell(spec: str | None, runs: Sequence[Run], config: Mapping[str, Any]) -> str:
@@ -134,21 +135,31 @@ def find_cell(spec: str | None, runs: Sequence[Run], config: Mapping[str, Any]) 
     if key not in config:
       raise ValueError(f"--baseline: unknown config key {key!r}.")
     wanted[key] = str(convert(text.strip(), config[key], key))
-  matches = [name for name, values in cells.items()
-             if all(k in values and str(values[k]) == v for k, v in wanted.items())]
+  matches = [
+    name
+    for name, values in cells.items()
+    if all(k in values and str(values[k]) == v for k, v in wanted.items())
+  ]
   if len(matches) != 1:
     found = "no cell" if not matches else f"{len(matches)} cells"
-    raise ValueError(f"--baseline={spec}: {found} of the sweep match; cells: "
-                     + "; ".join(cells) + ".")
+    raise ValueError(
+      f"--baseline={spec}: {found} of the sweep match; cells: " + "; ".join(cells) + "."
+    )
   return matches[0]
 
 
-def write_manifest(workdir: str, axes, seeds, runs: Sequence[Run], *, baseline: str,
-                   metrics: Sequence[str] | None) -> None:
-  manifest = {"axes": [[k, list(v)] for k, v in axes], "seeds": seeds, "baseline": baseline,
-              "metrics": list(metrics) if metrics else None,
-              "runs": [{"dir": r.dirname, "cell": r.cell_name, "seed": r.seed,
-                        "values": dict(r.cell)} for r in runs]}
+def write_manifest(
+  workdir: str, axes, seeds, runs: Sequence[Run], *, baseline: str, metrics: Sequence[str] | None
+) -> None:
+  manifest = {
+    "axes": [[k, list(v)] for k, v in axes],
+    "seeds": seeds,
+    "baseline": baseline,
+    "metrics": list(metrics) if metrics else None,
+    "runs": [
+      {"dir": r.dirname, "cell": r.cell_name, "seed": r.seed, "values": dict(r.cell)} for r in runs
+    ],
+  }
   _write_json(os.path.join(workdir, MANIFEST_FILE), manifest)
 
 
@@ -162,12 +173,19 @@ def last_checkpoint_step(workdir: str) -> int | None:
   return max(steps) if steps else None
 
 
-def write_final(workdir: str, metrics: Mapping[str, Any], config: Mapping[str, Any], *,
-                duration_s: float) -> None:
+def write_final(
+  workdir: str, metrics: Mapping[str, Any], config: Mapping[str, Any], *, duration_s: float
+) -> None:
   """Records a returned run (see the module docstring for what makes it finished)."""
-  _write_json(os.path.join(workdir, FINAL_FILE),
-              {"metrics": dict(metrics), "config": config, "duration_s": round(duration_s, 3),
-               "step": last_checkpoint_step(workdir)})
+  _write_json(
+    os.path.join(workdir, FINAL_FILE),
+    {
+      "metrics": dict(metrics),
+      "config": config,
+      "duration_s": round(duration_s, 3),
+      "step": last_checkpoint_step(workdir),
+    },
+  )
 
 
 def read_final(workdir: str) -> dict | None:

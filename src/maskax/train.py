@@ -105,8 +105,14 @@ class LoopOptions:
   async_checkpoints: bool = True
 
   def __post_init__(self):
-    for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints",
-                 "grad_accum_steps", "max_nonfinite_steps"):
+    for name in (
+      "steps",
+      "log_every",
+      "checkpoint_every",
+      "keep_checkpoints",
+      "grad_accum_steps",
+      "max_nonfinite_steps",
+    ):
       if getattr(self, name) <= 0:
         raise ValueError(f"train.{name}={getattr(self, name)} must be positive.")
     if self.eval_every < 0:
@@ -139,15 +145,16 @@ def _sums_to_json(sums) -> dict | None:
   """`{name: (total, weight)}` of device scalars -> `{name: [[value, dtype], [value, dtype]]}`."""
   if sums is None:
     return None
-  return {k: [[np.asarray(x).item(), np.asarray(x).dtype.name] for x in pair]
-          for k, pair in jax.device_get(sums).items()}
+  return {
+    k: [[np.asarray(x).item(), np.asarray(x).dtype.name] for x in pair]
+    for k, pair in jax.device_get(sums).items()
+  }
 
 
 def _sums_from_json(saved) -> dict | None:
   if not saved:  # None, or a checkpoint written before log sums were saved
     return None
-  return {k: tuple(np.asarray(v, dtype=jnp.dtype(d)) for v, d in pair)
-          for k, pair in saved.items()}
+  return {k: tuple(np.asarray(v, dtype=jnp.dtype(d)) for v, d in pair) for k, pair in saved.items()}
 
 
 def evaluate(task: Task, state: TrainState, eval_step, mesh) -> dict[str, float]:
@@ -167,9 +174,13 @@ def init_state(task: Task, key: jax.Array) -> TrainState:
   per-step keys from the other. Pure; jit it with the output sharding you want."""
   init_key, loop_key = jax.random.split(key)
   params, model_state = task.init(init_key)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=task.optimizer.init(params), model_state=model_state,
-                    key=loop_key)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=task.optimizer.init(params),
+    model_state=model_state,
+    key=loop_key,
+  )
 
 
 def init_or_restore(task: Task, seed: int, mesh, checkpointer):
@@ -179,11 +190,14 @@ def init_or_restore(task: Task, seed: int, mesh, checkpointer):
   init_state_fn = functools.partial(init_state, task)
   key = jax.random.PRNGKey(seed)
   if checkpointer.latest_step() is not None:
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
-                            jax.eval_shape(init_state_fn, key))
+    abstract = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
+      jax.eval_shape(init_state_fn, key),
+    )
     any_process = sharding_lib.make_any_process(mesh)
     restored = checkpointer.restore_latest(
-        abstract, agree=lambda bad: bool(jax.device_get(any_process(bad))))
+      abstract, agree=lambda bad: bool(jax.device_get(any_process(bad)))
+    )
     if restored is not None:
       return restored
   init = jax.jit(init_state_fn, out_shardings=repl)
@@ -199,8 +213,9 @@ def _last_training_record(workdir: str) -> dict[str, float]:
   return {}
 
 
-def train(task: Task, options: LoopOptions, workdir: str, *, seed: int,
-          mesh=None) -> tuple[TrainState, dict[str, float]]:
+def train(
+  task: Task, options: LoopOptions, workdir: str, *, seed: int, mesh=None
+) -> tuple[TrainState, dict[str, float]]:
   """Trains to `options.steps`, resuming from `workdir` if it holds a checkpoint.
 
   On SIGTERM every process saves the same step and `Preempted` is raised (see
@@ -208,8 +223,11 @@ def train(task: Task, options: LoopOptions, workdir: str, *, seed: int,
   """
   mesh = sharding_lib.make_mesh() if mesh is None else mesh
   checkpointer = ckpt_lib.Checkpointer(
-      os.path.join(workdir, "checkpoints"), every=options.checkpoint_every,
-      keep=options.keep_checkpoints, async_save=options.async_checkpoints)
+    os.path.join(workdir, "checkpoints"),
+    every=options.checkpoint_every,
+    keep=options.keep_checkpoints,
+    async_save=options.async_checkpoints,
+  )
   try:
     with preemption.StopSignal() as stop_signal:
       return _run(task, options, workdir, seed, mesh, checkpointer, stop_signal)
@@ -243,16 +261,22 @@ def _run(task, options, workdir, seed, mesh, checkpointer, stop_signal):
     finite, stop_vote = jax.device_get((finite, stop_vote))
     if not finite:
       loop["nonfinite_steps"].append(pending_step)
-      logging.warning("step %d: non-finite loss, gradient or update; the update was skipped "
-                      "and the parameters and optimizer state left unchanged.", pending_step)
-      if (options.on_nonfinite == "stop"
-          and len(loop["nonfinite_steps"]) >= options.max_nonfinite_steps):
+      logging.warning(
+        "step %d: non-finite loss, gradient or update; the update was skipped "
+        "and the parameters and optimizer state left unchanged.",
+        pending_step,
+      )
+      if (
+        options.on_nonfinite == "stop"
+        and len(loop["nonfinite_steps"]) >= options.max_nonfinite_steps
+      ):
         raise NonFiniteError(
-            f"non-finite loss, gradient or update at step(s) {loop['nonfinite_steps']}: those"
-            " updates were skipped, so the parameters, optimizer state and every checkpoint stay"
-            " finite; stopping after"
-            f" train.max_nonfinite_steps={options.max_nonfinite_steps}. Inspect the data and"
-            " train.learning_rate at that step, or pass --config.train.on_nonfinite=skip.")
+          f"non-finite loss, gradient or update at step(s) {loop['nonfinite_steps']}: those"
+          " updates were skipped, so the parameters, optimizer state and every checkpoint stay"
+          " finite; stopping after"
+          f" train.max_nonfinite_steps={options.max_nonfinite_steps}. Inspect the data and"
+          " train.learning_rate at that step, or pass --config.train.on_nonfinite=skip."
+        )
     return bool(stop_vote)
 
   while step < options.steps:

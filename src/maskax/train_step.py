@@ -32,8 +32,9 @@ def _objective(terms) -> jax.Array:
 
 def _all_finite(tree) -> jax.Array:
   # Integer leaves (step counters) are always finite; typed PRNG keys cannot be tested.
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  leaves = [
+    jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
@@ -42,8 +43,9 @@ def _single_batch_grads(task, state, batch, key):
     terms, metrics, model_state = task.loss(params, state.model_state, batch, key, train=True)
     return _objective(terms), (terms, metrics, model_state)
 
-  (loss, (terms, metrics, model_state)), grads = jax.value_and_grad(
-      objective, has_aux=True)(state.params)
+  (loss, (terms, metrics, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
+    state.params
+  )
   return loss, grads, terms, metrics, model_state
 
 
@@ -71,24 +73,28 @@ def _accumulated_grads(task, state, batch, key, num_micro):
     grads, sums, model_state = carry
     mb, index = inputs
     jac, (terms, metrics, model_state) = jax.jacrev(term_totals, has_aux=True)(
-        state.params, model_state, mb, jax.random.fold_in(key, index))
+      state.params, model_state, mb, jax.random.fold_in(key, index)
+    )
     grads = jax.tree.map(jnp.add, grads, jac)
     sums = jax.tree.map(jnp.add, sums, {"terms": terms, "metrics": metrics})
     return (grads, sums, model_state), None
 
   first = jax.tree.map(lambda x: x[0], micro)
   jac_shape, (terms_shape, metrics_shape, _) = jax.eval_shape(
-      lambda p: jax.jacrev(term_totals, has_aux=True)(p, state.model_state, first, key),
-      state.params)
+    lambda p: jax.jacrev(term_totals, has_aux=True)(p, state.model_state, first, key), state.params
+  )
   zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
-  init = (zeros(jac_shape), zeros({"terms": terms_shape, "metrics": metrics_shape}),
-          state.model_state)
-  (jac, sums, model_state), _ = jax.lax.scan(
-      body, init, (micro, jnp.arange(num_micro)))
+  init = (
+    zeros(jac_shape),
+    zeros({"terms": terms_shape, "metrics": metrics_shape}),
+    state.model_state,
+  )
+  (jac, sums, model_state), _ = jax.lax.scan(body, init, (micro, jnp.arange(num_micro)))
   terms = sums["terms"]
   grads = jax.tree.map(
-      lambda *gs: sum(g for g in gs),
-      *[jax.tree.map(lambda g, w=terms[k][1]: safe_div(g, w), jac[k]) for k in terms])
+    lambda *gs: sum(g for g in gs),
+    *[jax.tree.map(lambda g, w=terms[k][1]: safe_div(g, w), jac[k]) for k in terms],
+  )
   return _objective(terms), grads, terms, sums["metrics"], model_state
 
 
@@ -101,19 +107,26 @@ def make_train_step(task, options, mesh, *, stop_vote: bool = False):
       loss, grads, terms, metrics, model_state = _single_batch_grads(task, state, batch, key)
     else:
       loss, grads, terms, metrics, model_state = _accumulated_grads(
-          task, state, batch, key, options.grad_accum_steps)
+        task, state, batch, key, options.grad_accum_steps
+      )
     updates, opt_state = task.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # The new state is checked too: a finite gradient times a NaN, inf or huge learning rate
     # gives a non-finite update that would otherwise be applied and checkpointed.
-    finite = (jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params)
-              & _all_finite(opt_state) & _all_finite(model_state))
+    finite = (
+      jnp.isfinite(loss)
+      & _all_finite(grads)
+      & _all_finite(params)
+      & _all_finite(opt_state)
+      & _all_finite(model_state)
+    )
     keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = state.replace(
-        step=state.step + 1,
-        params=keep_if_finite(params, state.params),
-        opt_state=keep_if_finite(opt_state, state.opt_state),
-        model_state=keep_if_finite(model_state, state.model_state))
+      step=state.step + 1,
+      params=keep_if_finite(params, state.params),
+      opt_state=keep_if_finite(opt_state, state.opt_state),
+      model_state=keep_if_finite(model_state, state.model_state),
+    )
     # A skipped step adds nothing to the logged averages (its numbers may be NaN).
     sums = {**terms, **metrics, "loss": (loss, jnp.float32(1.0))}
     sums = jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), sums)
@@ -123,8 +136,12 @@ def make_train_step(task, options, mesh, *, stop_vote: bool = False):
     return new_state, out
 
   repl, split = sharding_lib.replicated(mesh), sharding_lib.batch_sharding(mesh)
-  return jax.jit(train_step, in_shardings=(repl, split) + ((split,) if stop_vote else ()),
-                 out_shardings=(repl, repl), donate_argnums=0)
+  return jax.jit(
+    train_step,
+    in_shardings=(repl, split) + ((split,) if stop_vote else ()),
+    out_shardings=(repl, repl),
+    donate_argnums=0,
+  )
 
 
 def make_eval_step(task, mesh):

@@ -41,8 +41,10 @@ def _describe(holder: dict) -> str:
   if not holder:
     return "another process (it has not written its name yet)"
   started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder.get("started", 0)))
-  return (f"pid {holder.get('pid')} on host {holder.get('host')} since {started}"
-          f" ({holder.get('command', '?')})")
+  return (
+    f"pid {holder.get('pid')} on host {holder.get('host')} since {started}"
+    f" ({holder.get('command', '?')})"
+  )
 
 
 class WorkdirLock:
@@ -72,8 +74,9 @@ class WorkdirLock:
       os.makedirs(self.workdir, exist_ok=True)
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-      raise PermissionError(f"cannot write to workdir {self.workdir!r} ({e.strerror}); pick a "
-                            "writable --workdir.") from None
+      raise PermissionError(
+        f"cannot write to workdir {self.workdir!r} ({e.strerror}); pick a writable --workdir."
+      ) from None
     deadline = time.monotonic() + self.wait_s
     waited = False
     while True:
@@ -84,29 +87,43 @@ class WorkdirLock:
         holder = self.read_holder()
         if time.monotonic() >= deadline:
           os.close(fd)
-          hint = ("" if self.wait_s else " or pass --wait_for_workdir_s=SECONDS to wait for it")
+          hint = "" if self.wait_s else " or pass --wait_for_workdir_s=SECONDS to wait for it"
           raise WorkdirBusyError(
-              f"workdir {self.workdir} is in use by {_describe(holder)}"
-              + (f" (waited {self.wait_s:.0f} s)" if self.wait_s else "")
-              + f"; let it finish, choose another --workdir{hint}.") from None
+            f"workdir {self.workdir} is in use by {_describe(holder)}"
+            + (f" (waited {self.wait_s:.0f} s)" if self.wait_s else "")
+            + f"; let it finish, choose another --workdir{hint}."
+          ) from None
         if not waited:
-          logging.warning("workdir %s is in use by %s; waiting up to %.0f s for it.",
-                          self.workdir, _describe(holder), self.wait_s)
+          logging.warning(
+            "workdir %s is in use by %s; waiting up to %.0f s for it.",
+            self.workdir,
+            _describe(holder),
+            self.wait_s,
+          )
           waited = True
         time.sleep(self.poll_s)
       except OSError as e:
         if e.errno not in _NO_LOCKS:
           raise
         os.close(fd)
-        logging.warning("the file system of %s has no file locks (%s): running without the "
-                        "one-run-per-workdir guard.", self.workdir, e.strerror)
+        logging.warning(
+          "the file system of %s has no file locks (%s): running without the "
+          "one-run-per-workdir guard.",
+          self.workdir,
+          e.strerror,
+        )
         return
     previous = self.read_holder()
     if previous and previous.get("pid") != os.getpid():
-      logging.info("took over the workdir lock last held by %s (that process has ended).",
-                   _describe(previous))
-    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-              "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:300]}
+      logging.info(
+        "took over the workdir lock last held by %s (that process has ended).", _describe(previous)
+      )
+    holder = {
+      "pid": os.getpid(),
+      "host": socket.gethostname(),
+      "started": time.time(),
+      "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:300],
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(holder).encode(), 0)
     self._fd = fd
@@ -144,10 +161,12 @@ def hold(workdir: str, *, wait_s: float, is_holder: bool, process_count: int):
   if process_count > 1:
     import numpy as np
     from jax.experimental import multihost_utils
+
     busy = bool(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
     if busy and error is None:
-      error = WorkdirBusyError(f"workdir {workdir} is in use: process 0 could not lock it "
-                               "(its log names the holder).")
+      error = WorkdirBusyError(
+        f"workdir {workdir} is in use: process 0 could not lock it (its log names the holder)."
+      )
   if error is not None:
     lock.release()
     raise error

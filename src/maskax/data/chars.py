@@ -34,8 +34,9 @@ class CharVocab:
 
   def __post_init__(self):
     if len(set(self.chars)) != len(self.chars) or any(len(c) != 1 for c in self.chars):
-      raise ValueError("CharVocab.chars must be distinct single characters; build it with "
-                       "build_vocab(text).")
+      raise ValueError(
+        "CharVocab.chars must be distinct single characters; build it with build_vocab(text)."
+      )
 
   @property
   def size(self) -> int:
@@ -84,8 +85,10 @@ def split_tail(ids: np.ndarray, eval_fraction: float) -> tuple[np.ndarray, np.nd
     raise ValueError(f"data.eval_fraction={eval_fraction} must lie in (0, 1).")
   cut = len(ids) - int(round(len(ids) * eval_fraction))
   if cut < 2 or len(ids) - cut < 2:
-    raise ValueError(f"text of {len(ids)} characters is too short to split with "
-                     f"data.eval_fraction={eval_fraction}; give a longer text.")
+    raise ValueError(
+      f"text of {len(ids)} characters is too short to split with "
+      f"data.eval_fraction={eval_fraction}; give a longer text."
+    )
   return ids[:cut], ids[cut:]
 
 
@@ -93,8 +96,10 @@ def _check_len(n: int, seq_len: int, what: str) -> None:
   if seq_len < 1:
     raise ValueError(f"seq_len={seq_len} must be >= 1.")
   if n < seq_len + 1:
-    raise ValueError(f"{what}: {n} characters is fewer than seq_len + 1 = {seq_len + 1}; lower "
-                     "data.seq_len or give a longer text.")
+    raise ValueError(
+      f"{what}: {n} characters is fewer than seq_len + 1 = {seq_len + 1}; lower "
+      "data.seq_len or give a longer text."
+    )
 
 
 def windows(ids: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
@@ -111,10 +116,14 @@ def windows(ids: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
   return {"inputs": cut[:, :-1], "targets": cut[:, 1:]}
 
 
-def stream_windows(ids: np.ndarray, num_streams: int, seq_len: int, *,
-                   what: str = "the training text",
-                   fix: str = "lower train.batch_size or data.seq_len, or give a longer text"
-                   ) -> dict[str, np.ndarray]:
+def stream_windows(
+  ids: np.ndarray,
+  num_streams: int,
+  seq_len: int,
+  *,
+  what: str = "the training text",
+  fix: str = "lower train.batch_size or data.seq_len, or give a longer text",
+) -> dict[str, np.ndarray]:
   """The text as `num_streams` contiguous streams of windows: {inputs, targets: i32[B, K, T]}.
 
   ids: i32[N]. Stream b starts at character b * L with L = (N - 1) // B; window k of stream b is
@@ -128,12 +137,16 @@ def stream_windows(ids: np.ndarray, num_streams: int, seq_len: int, *,
     raise ValueError(f"{what}: {num_streams} streams requested; {fix}.")
   stride = (len(ids) - 1) // num_streams
   if stride < seq_len:
-    raise ValueError(f"{what}: {len(ids)} characters split into {num_streams} streams leaves "
-                     f"{stride} per stream, fewer than the {seq_len} needed; {fix}.")
+    raise ValueError(
+      f"{what}: {len(ids)} characters split into {num_streams} streams leaves "
+      f"{stride} per stream, fewer than the {seq_len} needed; {fix}."
+    )
   count = stride // seq_len
-  starts = (np.arange(num_streams)[:, None, None] * stride
-            + np.arange(count)[None, :, None] * seq_len
-            + np.arange(seq_len + 1)[None, None, :])
+  starts = (
+    np.arange(num_streams)[:, None, None] * stride
+    + np.arange(count)[None, :, None] * seq_len
+    + np.arange(seq_len + 1)[None, None, :]
+  )
   cut = ids[starts]
   return {"inputs": cut[..., :-1], "targets": cut[..., 1:]}
 
@@ -147,11 +160,20 @@ class StreamBatches:
   process loads its own rows (streams) of the global batch.
   """
 
-  def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, *, process_index: int = 0,
-               process_count: int = 1):
+  def __init__(
+    self,
+    ids: np.ndarray,
+    batch_size: int,
+    seq_len: int,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+  ):
     if batch_size % process_count or not 0 <= process_index < process_count:
-      raise ValueError(f"batch_size={batch_size} must split evenly over {process_count} "
-                       f"processes (process_index={process_index}); each loads whole streams.")
+      raise ValueError(
+        f"batch_size={batch_size} must split evenly over {process_count} "
+        f"processes (process_index={process_index}); each loads whole streams."
+      )
     local = batch_size // process_count
     layout = stream_windows(ids, batch_size, seq_len)
     rows = slice(process_index * local, (process_index + 1) * local)
@@ -166,8 +188,11 @@ class StreamBatches:
     k = self.position % self.windows_per_epoch
     self.position += 1
     rows = self._inputs.shape[0]
-    return {"inputs": self._inputs[:, k], "targets": self._targets[:, k],
-            "reset": np.full((rows,), k == 0)}
+    return {
+      "inputs": self._inputs[:, k],
+      "targets": self._targets[:, k],
+      "reset": np.full((rows,), k == 0),
+    }
 
   def get_state(self) -> dict:
     return {"position": self.position}
@@ -176,9 +201,16 @@ class StreamBatches:
     self.position = int(state["position"])
 
 
-def shuffled_windows(ids: np.ndarray, batch_size: int, seq_len: int, seed: int, *,
-                     reset: bool = True, process_index: int = 0,
-                     process_count: int = 1) -> iterators.ArrayBatches:
+def shuffled_windows(
+  ids: np.ndarray,
+  batch_size: int,
+  seq_len: int,
+  seed: int,
+  *,
+  reset: bool = True,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> iterators.ArrayBatches:
   """Shuffled epochs of `windows`: {inputs, targets: i32[B_local, T], reset: bool[B_local]}.
 
   `reset=True` (stateless training) marks every window as starting from a zero state;
@@ -186,8 +218,9 @@ def shuffled_windows(ids: np.ndarray, batch_size: int, seq_len: int, seed: int, 
   """
   arrays = windows(ids, seq_len)
   arrays["reset"] = np.full((len(arrays["inputs"]),), reset)
-  return iterators.ArrayBatches(arrays, batch_size, seed, process_index=process_index,
-                                process_count=process_count)
+  return iterators.ArrayBatches(
+    arrays, batch_size, seed, process_index=process_index, process_count=process_count
+  )
 
 
 def pad_prompts(prompts: Sequence[str], vocab: CharVocab) -> tuple[np.ndarray, np.ndarray]:
@@ -197,10 +230,12 @@ def pad_prompts(prompts: Sequence[str], vocab: CharVocab) -> tuple[np.ndarray, n
   character is predicted from the last prompt character).
   """
   if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError(f"every prompt needs at least one character, got {list(prompts)!r}; "
-                     "e.g. --config.prompt='The '.")
+    raise ValueError(
+      f"every prompt needs at least one character, got {list(prompts)!r}; "
+      "e.g. --config.prompt='The '."
+    )
   lengths = np.array([len(p) for p in prompts], np.int32)
   ids = np.full((len(prompts), int(lengths.max())), UNKNOWN, np.int32)
   for row, prompt in enumerate(prompts):
-    ids[row, :len(prompt)] = vocab.encode(prompt)
+    ids[row, : len(prompt)] = vocab.encode(prompt)
   return ids, lengths

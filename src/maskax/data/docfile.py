@@ -80,17 +80,20 @@ class ShardWriter:
     """Writes offsets and footer, syncs, renames into place; returns the shard's counts."""
     arrays = {"tokens": (self.dtype.str, 0, self.num_tokens)}
     offset = self.num_tokens * self.dtype.itemsize
-    for name, values, dtype in (("sentence_offsets", self._sentences, "<i8"),
-                                ("doc_offsets", self._docs, "<i8"),
-                                ("doc_hashes", self._hashes, "<u8")):
+    for name, values, dtype in (
+      ("sentence_offsets", self._sentences, "<i8"),
+      ("doc_offsets", self._docs, "<i8"),
+      ("doc_hashes", self._hashes, "<u8"),
+    ):
       pad = -offset % _ALIGN
       self._file.write(b"\0" * pad)
       offset += pad
       arrays[name] = (dtype, offset, len(values))
       self._file.write(np.asarray(values, dtype).tobytes())
       offset += 8 * len(values)
-    counts = dict(num_docs=self.num_docs, num_sentences=len(self._sentences) - 1,
-                  num_tokens=self.num_tokens)
+    counts = dict(
+      num_docs=self.num_docs, num_sentences=len(self._sentences) - 1, num_tokens=self.num_tokens
+    )
     footer = json.dumps(dict(format=FORMAT, arrays=arrays, **counts)).encode()
     self._file.write(footer + _TAIL.pack(len(footer), MAGIC))
     self._file.flush()
@@ -145,11 +148,15 @@ def open_shard(path: str | os.PathLike) -> Shard:
   """Memory-maps a finished shard; a ValueError naming the file when it is not one."""
   footer = read_footer(path)
   if footer is None:
-    raise ValueError(f"{path} is not a finished {FORMAT} shard (missing, cut short or another "
-                     "format); re-run `python -m maskax.data.prepare` on its inputs")
+    raise ValueError(
+      f"{path} is not a finished {FORMAT} shard (missing, cut short or another "
+      "format); re-run `python -m maskax.data.prepare` on its inputs"
+    )
   with open(path, "rb") as f:
     # One map per file, every array a view into it: one file descriptor per shard.
     mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-  views = {name: np.frombuffer(mapped, np.dtype(dtype), count, offset)
-           for name, (dtype, offset, count) in footer["arrays"].items()}
+  views = {
+    name: np.frombuffer(mapped, np.dtype(dtype), count, offset)
+    for name, (dtype, offset, count) in footer["arrays"].items()
+  }
   return Shard(**views)

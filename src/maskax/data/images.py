@@ -22,17 +22,22 @@ def read_rgb(path: str, *, min_side: int = 1) -> np.ndarray:
   converting them would guess what the user meant) or when H or W is below `min_side`.
   """
   from PIL import Image, UnidentifiedImageError
+
   try:
     with Image.open(path) as im:
       if im.mode not in ("RGB", "P"):
-        raise ValueError(f"{path}: {len(im.getbands())} channel(s) (mode {im.mode}); expected an "
-                         "RGB image [H, W, 3] (convert it, e.g. PIL's .convert('RGB')).")
+        raise ValueError(
+          f"{path}: {len(im.getbands())} channel(s) (mode {im.mode}); expected an "
+          "RGB image [H, W, 3] (convert it, e.g. PIL's .convert('RGB'))."
+        )
       image = np.asarray(im.convert("RGB"), np.float32) / 255.0
   except UnidentifiedImageError:
     raise ValueError(f"{path}: not a readable PNG or JPEG image.") from None
   if min(image.shape[:2]) < min_side:
-    raise ValueError(f"{path}: {image.shape[0]}x{image.shape[1]} pixels; expected at least "
-                     f"{min_side}x{min_side} [H, W, 3].")
+    raise ValueError(
+      f"{path}: {image.shape[0]}x{image.shape[1]} pixels; expected at least "
+      f"{min_side}x{min_side} [H, W, 3]."
+    )
   return image
 
 
@@ -51,13 +56,15 @@ def palette(num_classes: int) -> np.ndarray:
 def write_labels_png(path: str, labels: np.ndarray, colours: np.ndarray) -> str:
   """Writes class ids int[H, W] (< 256) as a palette PNG with `colours` u8[C, 3]."""
   from PIL import Image
+
   im = Image.fromarray(np.asarray(labels, np.uint8), mode="P")
   im.putpalette(np.asarray(colours, np.uint8).reshape(-1).tolist())
   return _save(im, path)
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, colours: np.ndarray, *,
-            alpha: float = 0.5) -> np.ndarray:
+def overlay(
+  image: np.ndarray, labels: np.ndarray, colours: np.ndarray, *, alpha: float = 0.5
+) -> np.ndarray:
   """u8[H, W, 3]: `image` f32[H, W, 3] in [0, 1] blended with the colour of each pixel's class
   (labels int[H, W]); class 0 (background) keeps the image as it is."""
   tint = np.asarray(colours, np.float32)[labels] / 255.0
@@ -68,6 +75,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, colours: np.ndarray, *,
 def write_rgb_png(path: str, pixels: np.ndarray) -> str:
   """Writes u8[H, W, 3] as an RGB PNG."""
   from PIL import Image
+
   return _save(Image.fromarray(np.asarray(pixels, np.uint8), mode="RGB"), path)
 
 

@@ -58,15 +58,19 @@ def expand(patterns: list[str]) -> list[str]:
   for pattern in patterns:
     p = pathlib.Path(pattern)
     if p.is_dir():
-      matched = [str(f) for f in p.rglob("*") if f.is_file()
-                 and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+      matched = [
+        str(f)
+        for f in p.rglob("*")
+        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+      ]
     elif p.is_file():
       matched = [pattern]
     else:
       matched = [f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f)]
     if not matched:
-      raise InputError(f"{pattern}: matches no file (pass files, folders or globs of text, "
-                       ".gz or .jsonl files)")
+      raise InputError(
+        f"{pattern}: matches no file (pass files, folders or globs of text, .gz or .jsonl files)"
+      )
     found.update(matched)
   return sorted(found)
 
@@ -81,8 +85,9 @@ def check(path: str) -> None:
     with _open(path) as f:
       head = f.read(_SNIFF_BYTES)
   except (OSError, EOFError, zlib.error) as e:
-    raise InputError(f"{path}: cannot be read as {'gzip' if path.endswith('.gz') else 'a file'} "
-                     f"({e})") from None
+    raise InputError(
+      f"{path}: cannot be read as {'gzip' if path.endswith('.gz') else 'a file'} ({e})"
+    ) from None
   if not head:
     raise InputError(f"{path}: is empty; remove it or pass a file with text")
   nul = head.find(b"\0")
@@ -91,8 +96,10 @@ def check(path: str) -> None:
   try:  # Incremental: a character cut by the 64 KiB limit is not an error.
     codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
   except UnicodeDecodeError as e:
-    raise InputError(f"{path}: is not UTF-8 text ({e.reason} at byte {e.start}); convert it "
-                     "(e.g. `iconv -t utf-8`)") from None
+    raise InputError(
+      f"{path}: is not UTF-8 text ({e.reason} at byte {e.start}); convert it "
+      "(e.g. `iconv -t utf-8`)"
+    ) from None
 
 
 def units(files: list[str], split_bytes: int) -> list[Unit]:
@@ -140,8 +147,10 @@ def _lines(unit: Unit, stats: dict) -> Iterator[tuple[int, str]]:
         try:
           line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-          raise InputError(f"{unit.path}: is not UTF-8 text ({e.reason} at byte "
-                           f"{pos + e.start}); convert it (e.g. `iconv -t utf-8`)") from None
+          raise InputError(
+            f"{unit.path}: is not UTF-8 text ({e.reason} at byte "
+            f"{pos + e.start}); convert it (e.g. `iconv -t utf-8`)"
+          ) from None
         yield pos, line
         pos += len(raw)
         stats["bytes"] = stats.get("bytes", 0) + len(raw)
@@ -155,13 +164,15 @@ def _json_text(unit: Unit, pos: int, line: str, field: str) -> str:
   except ValueError as e:
     raise InputError(f"{unit.path}: line at byte {pos} is not JSON ({e})") from None
   if not isinstance(record, dict) or not isinstance(record.get(field), str):
-    raise InputError(f"{unit.path}: line at byte {pos} has no string field {field!r}; pass "
-                     "--json_field=NAME")
+    raise InputError(
+      f"{unit.path}: line at byte {pos} has no string field {field!r}; pass --json_field=NAME"
+    )
   return record[field]
 
 
-def documents(unit: Unit, *, json_field: str = "text",
-              stats: dict | None = None) -> Iterator[list[str]]:
+def documents(
+  unit: Unit, *, json_field: str = "text", stats: dict | None = None
+) -> Iterator[list[str]]:
   """Streams the unit's documents as lists of sentences; documents without text are skipped."""
   stats = {} if stats is None else stats
   if unit.is_json:

@@ -17,8 +17,10 @@ def _check_split(batch_size: int, process_count: int, process_index: int) -> int
   if batch_size <= 0:
     raise ValueError(f"batch_size={batch_size} must be positive.")
   if batch_size % process_count:
-    raise ValueError(f"batch_size={batch_size} must be a multiple of the number of processes "
-                     f"({process_count}); each process loads an equal share.")
+    raise ValueError(
+      f"batch_size={batch_size} must be a multiple of the number of processes "
+      f"({process_count}); each process loads an equal share."
+    )
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} out of range for {process_count} processes.")
   return batch_size // process_count
@@ -31,8 +33,15 @@ class SyntheticBatches:
   process's rows, so every process sees the same global batch without communicating.
   """
 
-  def __init__(self, make_batch: Callable[[np.random.Generator, int], Mapping[str, np.ndarray]],
-               batch_size: int, seed: int, *, process_index: int = 0, process_count: int = 1):
+  def __init__(
+    self,
+    make_batch: Callable[[np.random.Generator, int], Mapping[str, np.ndarray]],
+    batch_size: int,
+    seed: int,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+  ):
     self._local = _check_split(batch_size, process_count, process_index)
     self._make, self._batch_size, self._seed = make_batch, batch_size, seed
     self._rows = slice(process_index * self._local, (process_index + 1) * self._local)
@@ -59,16 +68,26 @@ class ArrayBatches:
   The permutation of epoch `e` comes from `(seed, e)`; position = batches drawn so far.
   """
 
-  def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, seed: int, *,
-               shuffle: bool = True, process_index: int = 0, process_count: int = 1):
+  def __init__(
+    self,
+    arrays: Mapping[str, np.ndarray],
+    batch_size: int,
+    seed: int,
+    *,
+    shuffle: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+  ):
     self._local = _check_split(batch_size, process_count, process_index)
     sizes = {k: len(v) for k, v in arrays.items()}
     if len(set(sizes.values())) != 1:
       raise ValueError(f"arrays must share their first dimension; got {sizes}.")
     self._n = next(iter(sizes.values()))
     if self._n < batch_size:
-      raise ValueError(f"dataset has {self._n} examples, fewer than batch_size={batch_size}; "
-                       "lower the batch size or add data.")
+      raise ValueError(
+        f"dataset has {self._n} examples, fewer than batch_size={batch_size}; "
+        "lower the batch size or add data."
+      )
     self._arrays, self._batch_size, self._seed, self._shuffle = arrays, batch_size, seed, shuffle
     self._offset = process_index * self._local
     self.batches_per_epoch = self._n // batch_size
@@ -85,7 +104,7 @@ class ArrayBatches:
   def __next__(self) -> dict:
     epoch, index = divmod(self.position, self.batches_per_epoch)
     start = index * self._batch_size + self._offset
-    rows = self._order(epoch)[start:start + self._local]
+    rows = self._order(epoch)[start : start + self._local]
     self.position += 1
     return {k: np.asarray(v)[rows] for k, v in self._arrays.items()}
 
@@ -96,8 +115,13 @@ class ArrayBatches:
     self.position = int(state["position"])
 
 
-def fixed_batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, process_index: int = 0,
-                  process_count: int = 1) -> list[dict]:
+def fixed_batches(
+  arrays: Mapping[str, np.ndarray],
+  batch_size: int,
+  *,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> list[dict]:
   """An evaluation split in order, as process-local batches; the last batch is padded by
   repeating rows and carries `"valid": bool[B]` so padded rows can be given weight 0."""
   local = _check_split(batch_size, process_count, process_index)
@@ -108,8 +132,8 @@ def fixed_batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, process_
   for start in range(0, n, batch_size):
     idx = np.arange(start, start + batch_size)
     valid = idx < n
-    idx = np.where(valid, idx, n - 1)[process_index * local:(process_index + 1) * local]
+    idx = np.where(valid, idx, n - 1)[process_index * local : (process_index + 1) * local]
     batch = {k: np.asarray(v)[idx] for k, v in arrays.items()}
-    batch["valid"] = valid[process_index * local:(process_index + 1) * local]
+    batch["valid"] = valid[process_index * local : (process_index + 1) * local]
     batches.append(batch)
   return batches

@@ -47,7 +47,7 @@ def uniforms(keys: np.ndarray, m: int, salt: int) -> np.ndarray:
   with np.errstate(over="ignore"):
     column = mix(np.arange(m, dtype=np.uint64) + np.uint64(salt << 32))
     bits = mix(keys[:, None] ^ column[None, :]) >> _S11
-  return bits.astype(np.float64) * 2.0 ** -53
+  return bits.astype(np.float64) * 2.0**-53
 
 
 def integers(keys: np.ndarray, m: int, salt: int, high: int) -> np.ndarray:
@@ -66,9 +66,17 @@ class _Drawn:
     return self._u
 
 
-def mask_static(tokens: np.ndarray, lengths: np.ndarray, keys: np.ndarray, tokenizer, *,
-                max_predictions: int, masked_lm_prob: float, whole_word: bool = False,
-                subword_flags: np.ndarray | None = None) -> dict:
+def mask_static(
+  tokens: np.ndarray,
+  lengths: np.ndarray,
+  keys: np.ndarray,
+  tokenizer,
+  *,
+  max_predictions: int,
+  masked_lm_prob: float,
+  whole_word: bool = False,
+  subword_flags: np.ndarray | None = None,
+) -> dict:
   """`bert_data.mask_static`'s rules with each row's random numbers from its key.
 
   tokens: i32[N, T]; lengths: i32[N]; keys: u64[N]. Returns input_ids i32[N, T],
@@ -77,8 +85,9 @@ def mask_static(tokens: np.ndarray, lengths: np.ndarray, keys: np.ndarray, token
   """
   t, p = tokens.shape[1], max_predictions
   maskable = bert_data.maskable_positions(tokens, lengths, (tokenizer.cls_id, tokenizer.sep_id))
-  counts = np.array([bert_data.num_to_mask(int(length), masked_lm_prob, p) for length in lengths],
-                    np.int64)
+  counts = np.array(
+    [bert_data.num_to_mask(int(length), masked_lm_prob, p) for length in lengths], np.int64
+  )
   u = uniforms(keys, t, SELECT)
   if whole_word:
     flags = tokenizer.subword_flags() if subword_flags is None else subword_flags
@@ -89,9 +98,14 @@ def mask_static(tokens: np.ndarray, lengths: np.ndarray, keys: np.ndarray, token
     # A uniformly random subset of size count: the first `count` of a random order.
     order = np.argsort(np.where(maskable, u, 2.0), axis=1, kind="stable")[:, :p]
     used = (np.arange(p)[None, :] < counts[:, None]) & np.take_along_axis(maskable, order, 1)
-  return bert_data._gather_selected(order, used, tokens, uniforms(keys, p, KIND),
-                                    integers(keys, p, RANDOM_ID, tokenizer.vocab_size),
-                                    tokenizer.mask_id)
+  return bert_data._gather_selected(
+    order,
+    used,
+    tokens,
+    uniforms(keys, p, KIND),
+    integers(keys, p, RANDOM_ID, tokenizer.vocab_size),
+    tokenizer.mask_id,
+  )
 
 
 def dynamic_draws(keys: np.ndarray, seq_len: int, max_predictions: int, vocab_size: int) -> dict:
@@ -99,6 +113,9 @@ def dynamic_draws(keys: np.ndarray, seq_len: int, max_predictions: int, vocab_si
 
   Returns select_u f64[N, T], keep_u f64[N, T], kind_u f64[N, P], random_ids i64[N, P].
   """
-  return dict(select_u=uniforms(keys, seq_len, SELECT), keep_u=uniforms(keys, seq_len, KEEP),
-              kind_u=uniforms(keys, max_predictions, KIND),
-              random_ids=integers(keys, max_predictions, RANDOM_ID, vocab_size))
+  return dict(
+    select_u=uniforms(keys, seq_len, SELECT),
+    keep_u=uniforms(keys, seq_len, KEEP),
+    kind_u=uniforms(keys, max_predictions, KIND),
+    random_ids=integers(keys, max_predictions, RANDOM_ID, vocab_size),
+  )

@@ -58,8 +58,13 @@ def _write_json(path: pathlib.Path, value) -> None:
 
 def _unit_key(unit: inputs_lib.Unit) -> dict:
   st = os.stat(unit.path)
-  return dict(path=os.path.abspath(unit.path), start=unit.start, end=unit.end, size=st.st_size,
-              mtime_ns=st.st_mtime_ns)
+  return dict(
+    path=os.path.abspath(unit.path),
+    start=unit.start,
+    end=unit.end,
+    size=st.st_size,
+    mtime_ns=st.st_mtime_ns,
+  )
 
 
 def _finished(out: pathlib.Path, index: int, expect: dict) -> dict | None:
@@ -93,7 +98,8 @@ def run_unit(job: tuple) -> dict:
   """Prepares one unit: `(out, index, unit, expect)` -> its record (also written as JSON)."""
   out, index, unit, expect = job
   for stale in glob.glob(str(out / f"docs-{index:06d}-*")) + glob.glob(
-      str(out / f"docs-{index:06d}.json*")):
+    str(out / f"docs-{index:06d}.json*")
+  ):
     os.remove(stale)  # Leftovers of a killed or outdated run of this unit.
   tok = _tokenizer(out)
   dtype = docfile.token_dtype(tok.vocab_size)
@@ -119,8 +125,7 @@ def run_unit(job: tuple) -> dict:
 
   try:
     num_sentences = 0
-    for doc in inputs_lib.documents(unit, json_field=expect["settings"]["json_field"],
-                                    stats=stats):
+    for doc in inputs_lib.documents(unit, json_field=expect["settings"]["json_field"], stats=stats):
       pending.append(doc)
       num_sentences += len(doc)
       if num_sentences >= _BATCH_SENTENCES:
@@ -136,10 +141,16 @@ def run_unit(job: tuple) -> dict:
     raise
   num_docs = sum(s["num_docs"] for s in shards)
   if not num_docs and unit.end < 0:
-    raise inputs_lib.InputError(f"{unit.path}: holds no text (whitespace or empty documents "
-                                "only); remove it or fix it")
-  record = dict(expect=expect, shards=shards, num_documents=num_docs,
-                input_bytes=stats.get("bytes", 0), seconds=time.perf_counter() - start)
+    raise inputs_lib.InputError(
+      f"{unit.path}: holds no text (whitespace or empty documents only); remove it or fix it"
+    )
+  record = dict(
+    expect=expect,
+    shards=shards,
+    num_documents=num_docs,
+    input_bytes=stats.get("bytes", 0),
+    seconds=time.perf_counter() - start,
+  )
   _write_json(out / f"docs-{index:06d}.json", record)
   return record
 
@@ -158,15 +169,18 @@ def _run_all(jobs: list, num_workers: int):
   # spawn: workers must not inherit a parent's JAX or tokenizer threads (fork is unsafe then).
   # An executor, unlike multiprocessing.Pool, notices a worker killed mid-unit and raises.
   context = multiprocessing.get_context("spawn")
-  with futures.ProcessPoolExecutor(min(num_workers, len(jobs)), mp_context=context,
-                                   initializer=_init_worker) as pool:
+  with futures.ProcessPoolExecutor(
+    min(num_workers, len(jobs)), mp_context=context, initializer=_init_worker
+  ) as pool:
     pending = [pool.submit(run_unit, job) for job in jobs]
     try:
       for future in futures.as_completed(pending):
         yield future.result()
     except futures.process.BrokenProcessPool:
-      raise RuntimeError("a preparation worker died (killed, or out of memory); finished units "
-                         "are kept: re-run the same command to resume") from None
+      raise RuntimeError(
+        "a preparation worker died (killed, or out of memory); finished units "
+        "are kept: re-run the same command to resume"
+      ) from None
     finally:
       for future in pending:
         future.cancel()  # After an error, units not started yet are dropped.
@@ -182,18 +196,26 @@ def _manifest(out: pathlib.Path, work: list, expects: list, tok) -> dict | None:
     per_file[unit.path] = per_file.get(unit.path, 0) + record["num_documents"]
   empty = [p for p, n in per_file.items() if n == 0]
   if empty:
-    raise inputs_lib.InputError(f"{empty[0]}: holds no text (whitespace or empty documents only);"
-                                " remove it or fix it")
+    raise inputs_lib.InputError(
+      f"{empty[0]}: holds no text (whitespace or empty documents only); remove it or fix it"
+    )
   shards = [s for r in records for s in r["shards"]]
-  body = dict(format=docfile.FORMAT, vocab_sha256=expects[0]["vocab_sha256"],
-              vocab_size=tok.vocab_size, settings=expects[0]["settings"], shards=shards)
+  body = dict(
+    format=docfile.FORMAT,
+    vocab_sha256=expects[0]["vocab_sha256"],
+    vocab_size=tok.vocab_size,
+    settings=expects[0]["settings"],
+    shards=shards,
+  )
   manifest = dict(
-      body, fingerprint=hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(),
-      units=[r["expect"]["unit"] for r in records],
-      num_documents=sum(s["num_docs"] for s in shards),
-      num_sentences=sum(s["num_sentences"] for s in shards),
-      num_tokens=sum(s["num_tokens"] for s in shards),
-      input_bytes=sum(r["input_bytes"] for r in records))
+    body,
+    fingerprint=hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest(),
+    units=[r["expect"]["unit"] for r in records],
+    num_documents=sum(s["num_docs"] for s in shards),
+    num_sentences=sum(s["num_sentences"] for s in shards),
+    num_tokens=sum(s["num_tokens"] for s in shards),
+    input_bytes=sum(r["input_bytes"] for r in records),
+  )
   for stale in glob.glob(str(out / "docs-*.json")):  # Units of an older, longer input list.
     if int(pathlib.Path(stale).stem[5:]) >= len(work):
       for f in glob.glob(stale[:-5] + "*"):
@@ -207,10 +229,20 @@ def _manifest(out: pathlib.Path, work: list, expects: list, tok) -> dict | None:
   return manifest
 
 
-def prepare(inputs: list[str], output: str, vocab: str, *, num_workers: int = 1,
-            shard_index: int = 0, shard_count: int = 1, docs_per_shard: int = 100_000,
-            json_field: str = "text", split_mb: float = 64, lowercase: bool = True,
-            log=None) -> dict:
+def prepare(
+  inputs: list[str],
+  output: str,
+  vocab: str,
+  *,
+  num_workers: int = 1,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  docs_per_shard: int = 100_000,
+  json_field: str = "text",
+  split_mb: float = 64,
+  lowercase: bool = True,
+  log=None,
+) -> dict:
   """Prepares this host's units of `inputs` into `output`; see the module docstring.
 
   Returns counts (units, done, skipped, input_bytes, seconds) and `manifest`: the manifest
@@ -218,8 +250,10 @@ def prepare(inputs: list[str], output: str, vocab: str, *, num_workers: int = 1,
   """
   log = log or (lambda message: None)
   if num_workers < 1 or docs_per_shard < 1 or split_mb <= 0:
-    raise ValueError(f"num_workers={num_workers}, docs_per_shard={docs_per_shard} and "
-                     f"split_mb={split_mb} must be positive")
+    raise ValueError(
+      f"num_workers={num_workers}, docs_per_shard={docs_per_shard} and "
+      f"split_mb={split_mb} must be positive"
+    )
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
   files = inputs_lib.expand(list(inputs))
@@ -235,8 +269,9 @@ def prepare(inputs: list[str], output: str, vocab: str, *, num_workers: int = 1,
     os.replace(tmp, out / TOKENIZER)
   _TOKENIZER_CACHE.pop(out, None)
   settings = dict(json_field=json_field, docs_per_shard=docs_per_shard)
-  common = dict(format=docfile.FORMAT, settings=settings,
-                vocab_sha256=hashlib.sha256(text.encode()).hexdigest())
+  common = dict(
+    format=docfile.FORMAT, settings=settings, vocab_sha256=hashlib.sha256(text.encode()).hexdigest()
+  )
   work = inputs_lib.units(files, int(split_mb * (1 << 20)))
   expects = [dict(common, unit=_unit_key(u)) for u in work]
   mine = range(shard_index, len(work), shard_count)
@@ -249,21 +284,34 @@ def prepare(inputs: list[str], output: str, vocab: str, *, num_workers: int = 1,
     done_bytes += record["input_bytes"]
     u = record["expect"]["unit"]
     part = f" [{u['start']}:{u['end']}]" if u["end"] >= 0 else ""
-    log(f"[{n}/{len(jobs)}] {u['path']}{part}: {record['num_documents']} documents, "
-        f"{record['input_bytes'] / 1e6:.1f} MB in {record['seconds']:.1f} s")
+    log(
+      f"[{n}/{len(jobs)}] {u['path']}{part}: {record['num_documents']} documents, "
+      f"{record['input_bytes'] / 1e6:.1f} MB in {record['seconds']:.1f} s"
+    )
   manifest = _manifest(out, work, expects, tok)
   if manifest is None:
-    log(f"this host's {len(mine)} units are done; the manifest is written by the host that "
-        "finishes last")
-  return dict(units=len(work), mine=len(mine), done=len(todo), skipped=len(mine) - len(todo),
-              input_bytes=done_bytes, seconds=time.perf_counter() - start, manifest=manifest)
+    log(
+      f"this host's {len(mine)} units are done; the manifest is written by the host that "
+      "finishes last"
+    )
+  return dict(
+    units=len(work),
+    mine=len(mine),
+    done=len(todo),
+    skipped=len(mine) - len(todo),
+    input_bytes=done_bytes,
+    seconds=time.perf_counter() - start,
+    manifest=manifest,
+  )
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m maskax.data.prepare",
-                                   description=__doc__.split("\n\n")[0])
-  parser.add_argument("--input", action="append", required=True,
-                      help="file, folder or glob; repeat for more")
+  parser = argparse.ArgumentParser(
+    prog="python -m maskax.data.prepare", description=__doc__.split("\n\n")[0]
+  )
+  parser.add_argument(
+    "--input", action="append", required=True, help="file, folder or glob; repeat for more"
+  )
   parser.add_argument("--output", required=True, help="folder of the prepared shards")
   parser.add_argument("--vocab", required=True, help="BERT vocab.txt or tokenizer JSON")
   parser.add_argument("--num_workers", type=int, default=os.cpu_count() or 1)
@@ -271,24 +319,51 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--shard_count", type=int, default=1, help="hosts sharing the corpus")
   parser.add_argument("--docs_per_shard", type=int, default=100_000)
   parser.add_argument("--json_field", default="text", help="text field of JSON lines inputs")
-  parser.add_argument("--split_mb", type=float, default=64,
-                      help="uncompressed files above this size are split into ranges")
-  parser.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=True,
-                      help="vocab.txt only: lowercase and strip accents (uncased BERT)")
+  parser.add_argument(
+    "--split_mb",
+    type=float,
+    default=64,
+    help="uncompressed files above this size are split into ranges",
+  )
+  parser.add_argument(
+    "--lowercase",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="vocab.txt only: lowercase and strip accents (uncased BERT)",
+  )
   args = parser.parse_args(argv)
   try:
-    summary = prepare(args.input, args.output, args.vocab, num_workers=args.num_workers,
-                      shard_index=args.shard_index, shard_count=args.shard_count,
-                      docs_per_shard=args.docs_per_shard, json_field=args.json_field,
-                      split_mb=args.split_mb, lowercase=args.lowercase,
-                      log=lambda m: print(m, file=sys.stderr, flush=True))
+    summary = prepare(
+      args.input,
+      args.output,
+      args.vocab,
+      num_workers=args.num_workers,
+      shard_index=args.shard_index,
+      shard_count=args.shard_count,
+      docs_per_shard=args.docs_per_shard,
+      json_field=args.json_field,
+      split_mb=args.split_mb,
+      lowercase=args.lowercase,
+      log=lambda m: print(m, file=sys.stderr, flush=True),
+    )
   except (ValueError, OSError, RuntimeError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
   m = summary["manifest"]
-  print(json.dumps({k: v for k, v in summary.items() if k != "manifest"}
-                   | ({"fingerprint": m["fingerprint"], "num_documents": m["num_documents"],
-                       "num_tokens": m["num_tokens"]} if m else {})))
+  print(
+    json.dumps(
+      {k: v for k, v in summary.items() if k != "manifest"}
+      | (
+        {
+          "fingerprint": m["fingerprint"],
+          "num_documents": m["num_documents"],
+          "num_tokens": m["num_tokens"],
+        }
+        if m
+        else {}
+      )
+    )
+  )
   return 0
 
 

@@ -35,18 +35,21 @@ class PreparedDocs:
       manifest = json.loads((self.path / MANIFEST).read_text())
     except FileNotFoundError:
       raise FileNotFoundError(
-          f"{self.path / MANIFEST} is missing: prepare the corpus first (python -m "
-          "maskax.data.prepare --input=... --output=DIR --vocab=...) and let every host finish"
+        f"{self.path / MANIFEST} is missing: prepare the corpus first (python -m "
+        "maskax.data.prepare --input=... --output=DIR --vocab=...) and let every host finish"
       ) from None
     if manifest.get("format") != docfile.FORMAT:
-      raise ValueError(f"{self.path / MANIFEST} has format {manifest.get('format')!r}, not "
-                       f"{docfile.FORMAT!r}; prepare the corpus again")
+      raise ValueError(
+        f"{self.path / MANIFEST} has format {manifest.get('format')!r}, not "
+        f"{docfile.FORMAT!r}; prepare the corpus again"
+      )
     self.manifest = manifest
     self.shards = [docfile.open_shard(self.path / s["file"]) for s in manifest["shards"]]
     for shard, entry in zip(self.shards, manifest["shards"]):
       if (shard.num_docs, shard.num_tokens) != (entry["num_docs"], entry["num_tokens"]):
-        raise ValueError(f"{self.path / entry['file']} does not match the manifest; prepare "
-                         "the corpus again")
+        raise ValueError(
+          f"{self.path / entry['file']} does not match the manifest; prepare the corpus again"
+        )
     # Python lists: bisect on them is ~5x faster than np.searchsorted for one scalar.
     self._doc_starts = np.cumsum([0] + [s.num_docs for s in self.shards]).tolist()
     self._token_starts = np.cumsum([0] + [s.num_tokens for s in self.shards]).tolist()
@@ -70,21 +73,21 @@ class PreparedDocs:
     """Document `doc` as one range of global token positions per sentence."""
     s, local = self._locate(doc)
     shard, base = self.shards[s], self._token_starts[s]
-    lo, hi = shard.doc_offsets[local:local + 2].tolist()
-    bounds = shard.sentence_offsets[lo:hi + 1].tolist()
+    lo, hi = shard.doc_offsets[local : local + 2].tolist()
+    bounds = shard.sentence_offsets[lo : hi + 1].tolist()
     return [range(base + a, base + b) for a, b in itertools.pairwise(bounds)]
 
   def tokens(self, start: int, length: int) -> np.ndarray:
     """The ids at global positions [start, start + length), which lie in one document."""
     s = bisect.bisect_right(self._token_starts, start) - 1
     local = start - self._token_starts[s]
-    return self.shards[s].tokens[local:local + length]
+    return self.shards[s].tokens[local : local + length]
 
   def document_tokens(self, doc: int) -> np.ndarray:
     """Every id of document `doc` in one flat array (a view into the memory map)."""
     s, local = self._locate(doc)
     shard = self.shards[s]
-    lo, hi = shard.doc_offsets[local:local + 2].tolist()
+    lo, hi = shard.doc_offsets[local : local + 2].tolist()
     start, stop = shard.sentence_offsets[[lo, hi]].tolist()
     return shard.tokens[start:stop]
 
@@ -96,12 +99,12 @@ class PreparedDocs:
     """i64[V]: how often each id occurs in the documents where `docs` (bool[D]) is True."""
     counts = np.zeros(vocab_size, np.int64)
     for s, shard in enumerate(self.shards):
-      chosen = docs[self._doc_starts[s]:self._doc_starts[s + 1]]
+      chosen = docs[self._doc_starts[s] : self._doc_starts[s + 1]]
       doc_tokens = shard.sentence_offsets[np.asarray(shard.doc_offsets)]  # i64[docs + 1]
       for lo in range(0, shard.num_docs, _COUNT_CHUNK_DOCS):  # Bounded memory per step.
         hi = min(lo + _COUNT_CHUNK_DOCS, shard.num_docs)
-        per_token = np.repeat(chosen[lo:hi], np.diff(doc_tokens[lo:hi + 1]))
-        ids = shard.tokens[doc_tokens[lo]:doc_tokens[hi]][per_token]
+        per_token = np.repeat(chosen[lo:hi], np.diff(doc_tokens[lo : hi + 1]))
+        ids = shard.tokens[doc_tokens[lo] : doc_tokens[hi]][per_token]
         counts += np.bincount(ids, minlength=vocab_size)[:vocab_size]
     return counts
 

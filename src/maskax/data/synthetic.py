@@ -16,10 +16,18 @@ from __future__ import annotations
 import numpy as np
 
 
-def drift_recall_sequences(rng: np.random.Generator, n: int, *, max_length: int,
-                           min_length: int = 5, features: int = 4, drift: float = 0.2,
-                           blackout_prob: float = 0.0, blackout_max: int = 3,
-                           trailing_share: float = 0.5) -> dict[str, np.ndarray]:
+def drift_recall_sequences(
+  rng: np.random.Generator,
+  n: int,
+  *,
+  max_length: int,
+  min_length: int = 5,
+  features: int = 4,
+  drift: float = 0.2,
+  blackout_prob: float = 0.0,
+  blackout_max: int = 3,
+  trailing_share: float = 0.5,
+) -> dict[str, np.ndarray]:
   """Signals whose class depends on the whole valid prefix and on its last step.
 
   Each sequence has a hidden sign s = +-1. Channel 0 is N(s * drift, 1) noise (the evidence for
@@ -40,8 +48,10 @@ def drift_recall_sequences(rng: np.random.Generator, n: int, *, max_length: int,
   if features < 2:
     raise ValueError(f"features={features}: need at least 2 (drift and recall channels).")
   if blackout_max >= min_length:
-    raise ValueError(f"blackout_max={blackout_max} must be below min_length={min_length} so a"
-                     " blackout never covers a whole sequence.")
+    raise ValueError(
+      f"blackout_max={blackout_max} must be below min_length={min_length} so a"
+      " blackout never covers a whole sequence."
+    )
   lengths = rng.integers(min_length, max_length + 1, size=n)
   sign = np.where(rng.random(n) < 0.5, 1, -1)
   x = rng.normal(size=(n, max_length, features))
@@ -58,14 +68,26 @@ def drift_recall_sequences(rng: np.random.Generator, n: int, *, max_length: int,
   per_step = 2 * (x[:, :, 1] > 0) + (sign[:, None] > 0)
   last = np.take_along_axis(per_step, (lengths - 1)[:, None], axis=1)
   labels = np.where(valid, per_step, last).astype(np.int32)
-  return {"x": x, "labels": labels, "lengths": lengths.astype(np.int32),
-          "sign": sign.astype(np.int32), "blackout_start": start.astype(np.int32),
-          "blackout_steps": steps.astype(np.int32)}
+  return {
+    "x": x,
+    "labels": labels,
+    "lengths": lengths.astype(np.int32),
+    "sign": sign.astype(np.int32),
+    "blackout_start": start.astype(np.int32),
+    "blackout_steps": steps.astype(np.int32),
+  }
 
 
-def rgb_streams(rng: np.random.Generator, n: int, steps: int, *, noise: float = 0.05,
-                cut_rate: float = 0.01, wobble: float = 0.3,
-                periods: tuple[float, float] = (6.0, 20.0)) -> np.ndarray:
+def rgb_streams(
+  rng: np.random.Generator,
+  n: int,
+  steps: int,
+  *,
+  noise: float = 0.05,
+  cut_rate: float = 0.01,
+  wobble: float = 0.3,
+  periods: tuple[float, float] = (6.0, 20.0),
+) -> np.ndarray:
   """Pixel colour over time: smooth trajectories with sensor noise and scene cuts.
 
   Within a scene each channel follows base + wobble * (sum of two sinusoids with periods drawn
@@ -84,17 +106,24 @@ def rgb_streams(rng: np.random.Generator, n: int, steps: int, *, noise: float = 
   base = rng.random((n, steps, 3))
   freq = 2 * np.pi / rng.uniform(*periods, size=(n, steps, 2, 3))
   phase = rng.uniform(0, 2 * np.pi, size=(n, steps, 2, 3))
-  pick = lambda a: np.take_along_axis(a, scene.reshape(scene.shape + (1,) * (a.ndim - 2)),
-                                      axis=1)
+  pick = lambda a: np.take_along_axis(a, scene.reshape(scene.shape + (1,) * (a.ndim - 2)), axis=1)
   t = np.arange(steps, dtype=np.float64).reshape(1, steps, 1, 1)
   wave = np.sin(pick(freq) * t + pick(phase)).sum(axis=2) / 2.0
   x = pick(base) + wobble * wave + noise * rng.normal(size=(n, steps, 3))
   return np.clip(x, 0.0, 1.0).astype(np.float32)
 
 
-def missing_mask(rng: np.random.Generator, n: int, steps: int, channels: int = 3, *,
-                 rate, step_share: float = 0.25, bursty: bool = False,
-                 burst_steps: float = 8.0) -> np.ndarray:
+def missing_mask(
+  rng: np.random.Generator,
+  n: int,
+  steps: int,
+  channels: int = 3,
+  *,
+  rate,
+  step_share: float = 0.25,
+  bursty: bool = False,
+  burst_steps: float = 8.0,
+) -> np.ndarray:
   """Validity mask with about `rate` of the entries missing (True = observed).
 
   rate: a float, or f64[n] (one rate per sequence), each in [0, 1). A whole step is missing
@@ -124,8 +153,10 @@ def missing_mask(rng: np.random.Generator, n: int, steps: int, channels: int = 3
   p_return = 1.0 / burst_steps  # missing -> observed
   p_drop = r_chan * p_return / (1.0 - r_chan)  # balances the two flows: stationary law r_c
   if np.any(p_drop > 1.0):
-    raise ValueError(f"bursty mode cannot reach rate={rate.max()} with burst_steps="
-                     f"{burst_steps}; lower burst_steps or the rate.")
+    raise ValueError(
+      f"bursty mode cannot reach rate={rate.max()} with burst_steps="
+      f"{burst_steps}; lower burst_steps or the rate."
+    )
   u = rng.random((n, steps, channels))
   missing = np.empty((n, steps, channels), bool)
   missing[:, 0] = u[:, 0] < r_chan[:, 0]

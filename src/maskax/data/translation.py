@@ -35,8 +35,10 @@ PAD, GO, EOS, UNK = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<go>", "<eos>", "<unk>")
 STYLES = ("british", "american", "digits", "mixed")
 
-_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-         "fifteen sixteen seventeen eighteen nineteen").split()
+_ONES = (
+  "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+  "fifteen sixteen seventeen eighteen nineteen"
+).split()
 _TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
 _SCALES = ("", "thousand", "million", "billion")
 
@@ -90,8 +92,9 @@ def canonical_digits(n: int) -> list[str]:
   return [c for c in f"{n:,}"]
 
 
-def generate_numbers(count: int, *, seed: int, max_digits: int = 9, styles=STYLES,
-                     exclude=frozenset()) -> tuple[list[tuple[list[str], list[str]]], list[int]]:
+def generate_numbers(
+  count: int, *, seed: int, max_digits: int = 9, styles=STYLES, exclude=frozenset()
+) -> tuple[list[tuple[list[str], list[str]]], list[int]]:
   """`count` (source tokens, target tokens) pairs and their numbers, a pure function of `seed`.
 
   The digit count is uniform in [1, max_digits], then the number is uniform among numbers of
@@ -107,8 +110,10 @@ def generate_numbers(count: int, *, seed: int, max_digits: int = 9, styles=STYLE
   while len(pairs) < count:
     tries += 1
     if tries > 100 * count + 10_000:
-      raise ValueError(f"cannot draw {count} numbers of up to {max_digits} digits outside "
-                       f"`exclude` ({len(exclude)} numbers); raise max_digits or lower count")
+      raise ValueError(
+        f"cannot draw {count} numbers of up to {max_digits} digits outside "
+        f"`exclude` ({len(exclude)} numbers); raise max_digits or lower count"
+      )
     digits = int(rng.integers(1, max_digits + 1))
     low = 0 if digits == 1 else 10 ** (digits - 1)
     n = int(rng.integers(low, 10**digits))
@@ -129,8 +134,10 @@ def load_tsv(path: str) -> list[tuple[list[str], list[str]]]:
         continue
       fields = line.rstrip("\n").split("\t")
       if len(fields) != 2 or not fields[0].split() or not fields[1].split():
-        raise ValueError(f"{path}:{number}: expected 'source<TAB>target' with both sides "
-                         f"non-empty, got {line[:80]!r}")
+        raise ValueError(
+          f"{path}:{number}: expected 'source<TAB>target' with both sides "
+          f"non-empty, got {line[:80]!r}"
+        )
       pairs.append((fields[0].split(), fields[1].split()))
   if not pairs:
     raise ValueError(f"{path} holds no 'source<TAB>target' lines")
@@ -192,7 +199,7 @@ def build_vocabulary(token_lists, *, size: int = 0, lexicon_seed: int = 0) -> Vo
     counts.pop(special, None)
   ranked = [w for w, _ in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0]))]
   if size:
-    ranked = ranked[:size - len(SPECIALS)]
+    ranked = ranked[: size - len(SPECIALS)]
   words = list(SPECIALS) + ranked
   num_real = len(words)
   if size > num_real:
@@ -206,8 +213,14 @@ def save_vocabularies(path: str, source: Vocabulary, target: Vocabulary) -> None
   needs the data, and a changed file would silently shuffle the ids)."""
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w", encoding="utf-8") as f:
-    json.dump({side: {"words": list(v.words), "num_real": v.num_real}
-               for side, v in (("source", source), ("target", target))}, f, ensure_ascii=False)
+    json.dump(
+      {
+        side: {"words": list(v.words), "num_real": v.num_real}
+        for side, v in (("source", source), ("target", target))
+      },
+      f,
+      ensure_ascii=False,
+    )
   os.replace(tmp, path)
 
 
@@ -215,8 +228,10 @@ def load_vocabularies(path: str) -> tuple[Vocabulary, Vocabulary]:
   """(source, target) as `save_vocabularies` wrote them."""
   with open(path, encoding="utf-8") as f:
     saved = json.load(f)
-  return tuple(Vocabulary(tuple(saved[side]["words"]), saved[side]["num_real"])
-               for side in ("source", "target"))
+  return tuple(
+    Vocabulary(tuple(saved[side]["words"]), saved[side]["num_real"])
+    for side in ("source", "target")
+  )
 
 
 def encode_sources(token_lists, vocab: Vocabulary, *, multiple_of: int = 8):
@@ -226,23 +241,31 @@ def encode_sources(token_lists, vocab: Vocabulary, *, multiple_of: int = 8):
   PAD. Raises ValueError naming the words outside `vocab` (they would all read as UNK) and for
   an empty sentence.
   """
-  known = set(vocab.words[len(SPECIALS):vocab.num_real])
+  known = set(vocab.words[len(SPECIALS) : vocab.num_real])
   unknown = sorted({t for tokens in token_lists for t in tokens} - known)
   if unknown:
-    raise ValueError(f"words outside the source vocabulary: {unknown[:20]}; the model knows "
-                     f"{vocab.num_real - len(SPECIALS)} words.")
+    raise ValueError(
+      f"words outside the source vocabulary: {unknown[:20]}; the model knows "
+      f"{vocab.num_real - len(SPECIALS)} words."
+    )
   if not token_lists or not all(token_lists):
     raise ValueError("every source sentence needs at least one word.")
   lengths = np.array([len(t) for t in token_lists], np.int32)
   S = -(-int(lengths.max()) // multiple_of) * multiple_of
   source = np.full((len(token_lists), S), PAD, np.int32)
   for row, tokens in enumerate(token_lists):
-    source[row, :len(tokens)] = vocab.encode(tokens)
+    source[row, : len(tokens)] = vocab.encode(tokens)
   return source, lengths
 
 
-def encode_pairs(pairs, source_vocab: Vocabulary, target_vocab: Vocabulary, *,
-                 max_source_len: int, max_target_len: int) -> tuple[dict, int]:
+def encode_pairs(
+  pairs,
+  source_vocab: Vocabulary,
+  target_vocab: Vocabulary,
+  *,
+  max_source_len: int,
+  max_target_len: int,
+) -> tuple[dict, int]:
   """Padded id arrays of every pair that fits; returns (arrays, number of pairs dropped).
 
   With N kept pairs, S = max_source_len and T = max_target_len + 1 (room for GO / EOS):
@@ -252,15 +275,19 @@ def encode_pairs(pairs, source_vocab: Vocabulary, target_vocab: Vocabulary, *,
   S, T = max_source_len, max_target_len + 1
   kept = [(s, t) for s, t in pairs if 1 <= len(s) <= S and 1 <= len(t) <= max_target_len]
   n = len(kept)
-  arrays = {"source": np.full((n, S), PAD, np.int32), "source_len": np.zeros(n, np.int32),
-            "target_in": np.full((n, T), PAD, np.int32),
-            "target_out": np.full((n, T), PAD, np.int32), "target_len": np.zeros(n, np.int32)}
+  arrays = {
+    "source": np.full((n, S), PAD, np.int32),
+    "source_len": np.zeros(n, np.int32),
+    "target_in": np.full((n, T), PAD, np.int32),
+    "target_out": np.full((n, T), PAD, np.int32),
+    "target_len": np.zeros(n, np.int32),
+  }
   for i, (s, t) in enumerate(kept):
     src, tgt = source_vocab.encode(s), target_vocab.encode(t)
-    arrays["source"][i, :len(src)] = src
+    arrays["source"][i, : len(src)] = src
     arrays["source_len"][i] = len(src)
-    arrays["target_in"][i, :len(tgt) + 1] = [GO] + tgt
-    arrays["target_out"][i, :len(tgt) + 1] = tgt + [EOS]
+    arrays["target_in"][i, : len(tgt) + 1] = [GO] + tgt
+    arrays["target_out"][i, : len(tgt) + 1] = tgt + [EOS]
     arrays["target_len"][i] = len(tgt) + 1
   return arrays, len(pairs) - n
 
@@ -273,8 +300,10 @@ def bucket_batches(arrays, batch_size: int, boundaries) -> list[dict]:
   source i32[B, S_b] with S_b its bucket boundary, so decoding compiles once per bucket.
   """
   if arrays["source"].shape[1] != boundaries[-1]:
-    raise ValueError(f"the largest bucket {boundaries[-1]} must equal the padded source length "
-                     f"{arrays['source'].shape[1]}")
+    raise ValueError(
+      f"the largest bucket {boundaries[-1]} must equal the padded source length "
+      f"{arrays['source'].shape[1]}"
+    )
   sizes = scan.bucket_for(arrays["source_len"], boundaries)
   batches = []
   for size in boundaries:

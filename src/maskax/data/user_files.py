@@ -32,8 +32,9 @@ def expand_paths(lines, extensions: tuple[str, ...], *, what: str) -> list[str]:
   for line in lines:
     path = os.path.expanduser(line.strip())
     if os.path.isdir(path):
-      found = sorted(os.path.join(path, n) for n in os.listdir(path)
-                     if n.lower().endswith(extensions))
+      found = sorted(
+        os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(extensions)
+      )
       if not found:
         raise ValueError(f"{path}: a folder without {what} files ({kinds}).")
       paths += found
@@ -53,8 +54,10 @@ def output_stems(paths) -> list[str]:
   seen = {}
   for path, stem in zip(paths, stems):
     if stem in seen:
-      raise ValueError(f"{seen[stem]} and {path} would write the same outputs ({stem}_*); "
-                       "rename one or predict them in two runs.")
+      raise ValueError(
+        f"{seen[stem]} and {path} would write the same outputs ({stem}_*); "
+        "rename one or predict them in two runs."
+      )
     seen[stem] = path
   return stems
 
@@ -73,12 +76,15 @@ def _npz(path: str, names: tuple[str, ...], layout: str) -> dict[str, np.ndarray
     with np.load(path, allow_pickle=False) as data:
       arrays = {n: data[n] for n in data.files}
   except Exception as e:  # np.load fails in many ways (OSError, ValueError, BadZipFile, a .npy)
-    raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}); expected "
-                     f"{layout}.") from None
+    raise ValueError(
+      f"{path}: not a readable .npz file ({type(e).__name__}); expected {layout}."
+    ) from None
   missing = [n for n in names if n not in arrays]
   if missing:
-    raise ValueError(f"{path}: no array {', '.join(missing)} (it has "
-                     f"{', '.join(arrays) or 'none'}); expected {layout}.")
+    raise ValueError(
+      f"{path}: no array {', '.join(missing)} (it has "
+      f"{', '.join(arrays) or 'none'}); expected {layout}."
+    )
   return arrays
 
 
@@ -88,32 +94,40 @@ def _csv(path: str, features: int, *, allow_missing: bool) -> tuple[np.ndarray, 
     rows = list(csv.reader(f))
   rows = [r for r in rows[1:] if any(cell.strip() for cell in r)]  # the header, blank lines
   if not rows:
-    raise ValueError(f"{path}: no data lines after the header; expected 'sequence,"
-                     f"{','.join(f'f{i}' for i in range(features))}' lines.")
+    raise ValueError(
+      f"{path}: no data lines after the header; expected 'sequence,"
+      f"{','.join(f'f{i}' for i in range(features))}' lines."
+    )
   order, steps = [], {}
   for number, row in enumerate(rows, 2):
     if len(row) != features + 1:
-      raise ValueError(f"{path}:{number}: {len(row)} columns; expected the sequence id and "
-                       f"{features} feature values.")
+      raise ValueError(
+        f"{path}:{number}: {len(row)} columns; expected the sequence id and "
+        f"{features} feature values."
+      )
     sid = row[0].strip()
     if sid not in steps:
       steps[sid] = []
       order.append(sid)
     elif order[-1] != sid:
-      raise ValueError(f"{path}:{number}: sequence {sid!r} continues after another one; "
-                       "keep the lines of a sequence together, in time order.")
+      raise ValueError(
+        f"{path}:{number}: sequence {sid!r} continues after another one; "
+        "keep the lines of a sequence together, in time order."
+      )
     try:
       values = [float(c) if c.strip() else np.nan for c in row[1:]]
     except ValueError:
       raise ValueError(f"{path}:{number}: a feature value is not a number: {row[1:]}") from None
     if not allow_missing and any(np.isnan(values)):
-      raise ValueError(f"{path}:{number}: a feature value is empty or NaN; every step of a "
-                       "sequence needs all its features.")
+      raise ValueError(
+        f"{path}:{number}: a feature value is empty or NaN; every step of a "
+        "sequence needs all its features."
+      )
     steps[sid].append(values)
   lengths = np.array([len(steps[s]) for s in order], np.int32)
   values = np.full((len(order), int(lengths.max()), features), np.nan, np.float32)
   for b, sid in enumerate(order):
-    values[b, :lengths[b]] = steps[sid]
+    values[b, : lengths[b]] = steps[sid]
   return values, lengths
 
 
@@ -132,11 +146,14 @@ def read_sequences(path: str, *, features: int) -> dict[str, np.ndarray]:
     if x.ndim != 3 or x.shape[2] != features or x.shape[0] == 0 or x.shape[1] == 0:
       raise ValueError(f"{path}: x has shape {list(x.shape)}; expected {layout}.")
     if lengths.shape != x.shape[:1] or not np.issubdtype(lengths.dtype, np.integer):
-      raise ValueError(f"{path}: lengths is {lengths.dtype}{list(lengths.shape)}; expected "
-                       f"integers [{x.shape[0]}], one per row of x.")
+      raise ValueError(
+        f"{path}: lengths is {lengths.dtype}{list(lengths.shape)}; expected "
+        f"integers [{x.shape[0]}], one per row of x."
+      )
     if lengths.min() < 1 or lengths.max() > x.shape[1]:
-      raise ValueError(f"{path}: lengths must lie in [1, {x.shape[1]}] (T), got "
-                       f"{lengths.min()}..{lengths.max()}.")
+      raise ValueError(
+        f"{path}: lengths must lie in [1, {x.shape[1]}] (T), got {lengths.min()}..{lengths.max()}."
+      )
   valid = np.arange(x.shape[1])[None, :] < lengths[:, None]
   x = np.where(valid[..., None], x, 0.0).astype(np.float32)
   if not np.all(np.isfinite(x)):
@@ -162,10 +179,15 @@ def read_masked(path: str, *, features: int) -> dict[str, np.ndarray]:
     if values.ndim != 3 or values.shape[2] != features or 0 in values.shape:
       raise ValueError(f"{path}: values has shape {list(values.shape)}; expected {layout}.")
     if mask.shape != values.shape or mask.dtype != np.bool_:
-      raise ValueError(f"{path}: mask is {mask.dtype}{list(mask.shape)}; expected "
-                       f"bool{list(values.shape)}, the shape of values.")
+      raise ValueError(
+        f"{path}: mask is {mask.dtype}{list(mask.shape)}; expected "
+        f"bool{list(values.shape)}, the shape of values."
+      )
     lengths = np.full(values.shape[0], values.shape[1], np.int32)
   if not np.all(np.isfinite(np.where(mask, values, 0.0))):
     raise ValueError(f"{path}: an observed value (mask True) is NaN or infinite.")
-  return {"values": np.where(mask, values, np.nan).astype(np.float32), "mask": mask,
-          "lengths": lengths}
+  return {
+    "values": np.where(mask, values, np.nan).astype(np.float32),
+    "mask": mask,
+    "lengths": lengths,
+  }

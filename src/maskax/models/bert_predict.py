@@ -29,8 +29,10 @@ def _encode(tokenizer, texts: list[str], max_len: int):
       b = tokenizer.encode(second.strip())
       ids, seg = ids + b + [tokenizer.sep_id], seg + [1] * (len(b) + 1)
     if len(ids) > max_len:
-      raise ValueError(f"input {text[:60]!r} is {len(ids)} tokens long, more than the model's "
-                       f"{max_len} positions; shorten it.")
+      raise ValueError(
+        f"input {text[:60]!r} is {len(ids)} tokens long, more than the model's "
+        f"{max_len} positions; shorten it."
+      )
     rows.append(ids)
     segments.append(seg)
   T = max(len(r) for r in rows)
@@ -40,13 +42,20 @@ def _encode(tokenizer, texts: list[str], max_len: int):
 
 
 def _run(model: bert.Bert, params, ids, segments, mask, positions):
-  out = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(segments),
-                    jnp.asarray(mask), jnp.asarray(positions), train=False)
+  out = model.apply(
+    {"params": params},
+    jnp.asarray(ids),
+    jnp.asarray(segments),
+    jnp.asarray(mask),
+    jnp.asarray(positions),
+    train=False,
+  )
   return jax.device_get(out)
 
 
-def fill_mask(model: bert.Bert, params, tokenizer, texts: list[str], *,
-              top_k: int = 5) -> list[list[list[tuple[str, float]]]]:
+def fill_mask(
+  model: bert.Bert, params, tokenizer, texts: list[str], *, top_k: int = 5
+) -> list[list[list[tuple[str, float]]]]:
   """For each text, for each `[MASK]` in it, the `top_k` (token, probability) pairs, best first.
 
   A text without `[MASK]` is a ValueError naming it (there is nothing to fill).
@@ -57,28 +66,36 @@ def fill_mask(model: bert.Bert, params, tokenizer, texts: list[str], *,
   slots = [np.flatnonzero(row == tokenizer.mask_id) for row in ids]
   for text, found in zip(texts, slots):
     if not len(found):
-      raise ValueError(f"input {text[:60]!r} has no [MASK] token to fill; write [MASK] where "
-                       "a word should be predicted.")
+      raise ValueError(
+        f"input {text[:60]!r} has no [MASK] token to fill; write [MASK] where "
+        "a word should be predicted."
+      )
   P = max(len(s) for s in slots)
   positions = np.zeros((len(texts), P), np.int32)
   for i, s in enumerate(slots):
-    positions[i, :len(s)] = s
+    positions[i, : len(s)] = s
   logits = _run(model, params, ids, segments, mask, positions)["mlm_logits"]  # [B, P, V]
   probs = np.asarray(jax.nn.softmax(logits.astype(np.float32), axis=-1))
   top = np.argsort(-probs, axis=-1)[..., :top_k]  # [B, P, K]
-  return [[[(tokenizer.id_to_token(t), float(probs[i, j, t])) for t in top[i, j]]
-           for j in range(len(slots[i]))] for i in range(len(texts))]
+  return [
+    [
+      [(tokenizer.id_to_token(t), float(probs[i, j, t])) for t in top[i, j]]
+      for j in range(len(slots[i]))
+    ]
+    for i in range(len(texts))
+  ]
 
 
-def next_sentence_probability(model: bert.Bert, params, tokenizer,
-                              pairs: list[str]) -> list[float]:
+def next_sentence_probability(model: bert.Bert, params, tokenizer, pairs: list[str]) -> list[float]:
   """P(B follows A) for each `"A ||| B"` line (the NSP head's class 0: label 1 = random)."""
   if not pairs:
     raise ValueError("no input pairs: give lines of the form 'first ||| second'.")
   for text in pairs:
     if PAIR_SEPARATOR not in text or not text.partition(PAIR_SEPARATOR)[2].strip():
-      raise ValueError(f"input {text[:60]!r} is not a pair; write 'first sentence "
-                       f"{PAIR_SEPARATOR} second sentence'.")
+      raise ValueError(
+        f"input {text[:60]!r} is not a pair; write 'first sentence "
+        f"{PAIR_SEPARATOR} second sentence'."
+      )
   ids, segments, mask = _encode(tokenizer, pairs, model.config.max_position)
   positions = np.zeros((len(pairs), 1), np.int32)  # the MLM head is not read here
   logits = _run(model, params, ids, segments, mask, positions)["nsp_logits"]

@@ -40,10 +40,9 @@ class CharRNN(nn.Module):
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"tokens must be i32[B, T], got {tokens.dtype}{list(tokens.shape)}.")
     x_BTF = nn.Embed(self.vocab_size, self.embed_dim, name="embed")(tokens)
-    carries, h_BTD = StackedRNN(self.cell, self.hidden, self.num_layers,
-                                dropout_rate=self.dropout_rate, name="rnn")(
-        x_BTF, lengths, initial_carry=initial_carry, deterministic=deterministic,
-        return_carry=True)
+    carries, h_BTD = StackedRNN(
+      self.cell, self.hidden, self.num_layers, dropout_rate=self.dropout_rate, name="rnn"
+    )(x_BTF, lengths, initial_carry=initial_carry, deterministic=deterministic, return_carry=True)
     return nn.Dense(self.vocab_size, name="logits")(h_BTD), carries
 
   def zero_carry(self, batch: int) -> list:
@@ -72,8 +71,20 @@ def make_apply_fn(model: CharRNN):
 row_keys = sampling.row_keys  # kept here too: the experiment and its tests use this name
 
 
-def generate(model: CharRNN, params, prompt, lengths, keys, *, steps: int, temperature=1.0,
-             top_k: int = 0, banned=None, carry=None, start_step=0):
+def generate(
+  model: CharRNN,
+  params,
+  prompt,
+  lengths,
+  keys,
+  *,
+  steps: int,
+  temperature=1.0,
+  top_k: int = 0,
+  banned=None,
+  carry=None,
+  start_step=0,
+):
   """Samples `steps` characters after each prompt; a row's text depends on its prompt and key.
 
   prompt: i32[B, T] right-padded; lengths: i32[B] in [1, T]; keys: key[B] (`row_keys`);
@@ -85,16 +96,30 @@ def generate(model: CharRNN, params, prompt, lengths, keys, *, steps: int, tempe
   """
   prompt, lengths = jnp.asarray(prompt), jnp.asarray(lengths)
   if prompt.ndim != 2 or lengths.shape != prompt.shape[:1]:
-    raise ValueError(f"prompt must be i32[B, T] and lengths i32[B], got {prompt.shape} and "
-                     f"{lengths.shape}; build them with chars.pad_prompts.")
+    raise ValueError(
+      f"prompt must be i32[B, T] and lengths i32[B], got {prompt.shape} and "
+      f"{lengths.shape}; build them with chars.pad_prompts."
+    )
   if keys.shape != prompt.shape[:1]:
-    raise ValueError(f"keys must hold one key per row (key[{prompt.shape[0]}]), got shape "
-                     f"{keys.shape}; use row_keys(key, batch).")
+    raise ValueError(
+      f"keys must hold one key per row (key[{prompt.shape[0]}]), got shape "
+      f"{keys.shape}; use row_keys(key, batch)."
+    )
   if carry is None:
     carry = model.zero_carry(prompt.shape[0])
-  return sampling.generate(make_apply_fn(model), params, prompt, lengths, carry, steps, keys,
-                           temperature=temperature, top_k=top_k, banned=banned,
-                           start_step=start_step)
+  return sampling.generate(
+    make_apply_fn(model),
+    params,
+    prompt,
+    lengths,
+    carry,
+    steps,
+    keys,
+    temperature=temperature,
+    top_k=top_k,
+    banned=banned,
+    start_step=start_step,
+  )
 
 
 def stream_xent(model: CharRNN, params, inputs, targets, mask=None):
@@ -108,8 +133,10 @@ def stream_xent(model: CharRNN, params, inputs, targets, mask=None):
   """
   inputs, targets = jnp.asarray(inputs), jnp.asarray(targets)
   if inputs.ndim != 3 or inputs.shape != targets.shape:
-    raise ValueError(f"inputs and targets must both be i32[B, K, T], got {inputs.shape} and "
-                     f"{targets.shape}; build them with chars.stream_windows.")
+    raise ValueError(
+      f"inputs and targets must both be i32[B, K, T], got {inputs.shape} and "
+      f"{targets.shape}; build them with chars.stream_windows."
+    )
   batch = inputs.shape[0]
   mask = jnp.ones(inputs.shape, bool) if mask is None else jnp.asarray(mask)
   zeros = model.zero_carry(batch)

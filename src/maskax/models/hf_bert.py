@@ -31,8 +31,10 @@ from maskax.models import bert
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # A buffer older transformers saved, skipped on import; tied copies, checked on import.
 _IGNORED = ("bert.embeddings.position_ids",)
-_TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
-         "cls.predictions.decoder.bias": "cls.predictions.bias"}
+_TIED = {
+  "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+  "cls.predictions.decoder.bias": "cls.predictions.bias",
+}
 
 
 def _entries(cfg: bert.BertConfig):
@@ -53,18 +55,34 @@ def _entries(cfg: bert.BertConfig):
   emb = "bert.embeddings"
   add(("token_embed", "embedding"), f"{emb}.word_embeddings.weight", "copy", (cfg.vocab_size, d))
   add(("position_embed",), f"{emb}.position_embeddings.weight", "copy", (cfg.max_position, d))
-  add(("segment_embed", "embedding"), f"{emb}.token_type_embeddings.weight", "copy",
-      (cfg.type_vocab, d))
+  add(
+    ("segment_embed", "embedding"),
+    f"{emb}.token_type_embeddings.weight",
+    "copy",
+    (cfg.type_vocab, d),
+  )
   norm(("embed_norm",), f"{emb}.LayerNorm")
   for n in range(cfg.num_layers):
     path, name = (f"layer_{n}",), f"bert.encoder.layer.{n}"
     for proj in ("query", "key", "value"):
-      add(path + ("attention", proj, "kernel"), f"{name}.attention.self.{proj}.weight",
-          "heads_in", (d, h, k))
-      add(path + ("attention", proj, "bias"), f"{name}.attention.self.{proj}.bias",
-          "heads_bias", (h, k))
-    add(path + ("attention", "out", "kernel"), f"{name}.attention.output.dense.weight",
-        "heads_out", (h, k, d))
+      add(
+        path + ("attention", proj, "kernel"),
+        f"{name}.attention.self.{proj}.weight",
+        "heads_in",
+        (d, h, k),
+      )
+      add(
+        path + ("attention", proj, "bias"),
+        f"{name}.attention.self.{proj}.bias",
+        "heads_bias",
+        (h, k),
+      )
+    add(
+      path + ("attention", "out", "kernel"),
+      f"{name}.attention.output.dense.weight",
+      "heads_out",
+      (h, k, d),
+    )
     add(path + ("attention", "out", "bias"), f"{name}.attention.output.dense.bias", "copy", (d,))
     norm(path + ("attention_norm",), f"{name}.attention.output.LayerNorm")
     dense(path + ("ffn_in",), f"{name}.intermediate.dense", d, i)
@@ -80,9 +98,12 @@ def _entries(cfg: bert.BertConfig):
 
 def _hf_shape(layout, shape):
   """HF shape of a maskax tensor: [D, H, K] -> [H*K, D], [H, K] -> [H*K], [H, K, D] -> [D, H*K]."""
-  return {"dense": shape[::-1], "heads_in": (math.prod(shape[1:]), shape[0]),
-          "heads_bias": (math.prod(shape),),
-          "heads_out": (shape[-1], math.prod(shape[:-1]))}.get(layout, shape)
+  return {
+    "dense": shape[::-1],
+    "heads_in": (math.prod(shape[1:]), shape[0]),
+    "heads_bias": (math.prod(shape),),
+    "heads_out": (shape[-1], math.prod(shape[:-1])),
+  }.get(layout, shape)
 
 
 def _to_hf_array(layout, x):
@@ -99,24 +120,33 @@ def _from_hf_array(layout, x, shape):
 def hf_config(config: bert.BertConfig) -> dict:
   """The `config.json` of `BertForPreTraining` for a maskax config (weights stay float32)."""
   return {
-      "architectures": ["BertForPreTraining"], "model_type": "bert",
-      "vocab_size": config.vocab_size, "hidden_size": config.hidden,
-      "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
-      "intermediate_size": config.intermediate,
-      "hidden_act": _TANH_GELUS[0] if config.gelu_approximate else "gelu",
-      "hidden_dropout_prob": config.dropout,
-      "attention_probs_dropout_prob": config.attention_dropout,
-      "max_position_embeddings": config.max_position, "type_vocab_size": config.type_vocab,
-      "initializer_range": config.initializer_range, "layer_norm_eps": config.layer_norm_eps,
-      "position_embedding_type": "absolute", "pad_token_id": 0, "tie_word_embeddings": True,
+    "architectures": ["BertForPreTraining"],
+    "model_type": "bert",
+    "vocab_size": config.vocab_size,
+    "hidden_size": config.hidden,
+    "num_hidden_layers": config.num_layers,
+    "num_attention_heads": config.num_heads,
+    "intermediate_size": config.intermediate,
+    "hidden_act": _TANH_GELUS[0] if config.gelu_approximate else "gelu",
+    "hidden_dropout_prob": config.dropout,
+    "attention_probs_dropout_prob": config.attention_dropout,
+    "max_position_embeddings": config.max_position,
+    "type_vocab_size": config.type_vocab,
+    "initializer_range": config.initializer_range,
+    "layer_norm_eps": config.layer_norm_eps,
+    "position_embedding_type": "absolute",
+    "pad_token_id": 0,
+    "tie_word_embeddings": True,
   }
 
 
 def to_hf(params, config: bert.BertConfig) -> tuple[dict, dict[str, np.ndarray]]:
   """(config.json dict, {HF name: f32 numpy array}) of `Bert(config)` params."""
   params = params["params"] if set(params) == {"params"} else params  # `Bert.init`'s variables
-  flat = {tuple(getattr(p, "key", p) for p in path): x
-          for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat = {
+    tuple(getattr(p, "key", p) for p in path): x
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
   state = {}
   for path, name, layout, shape in _entries(config):
     where = "/".join(path)
@@ -124,13 +154,17 @@ def to_hf(params, config: bert.BertConfig) -> tuple[dict, dict[str, np.ndarray]]
       raise ValueError(f"params lack {where}; pass the params of Bert(config) for this config.")
     x = np.asarray(jax.device_get(flat.pop(path)), np.float32)
     if x.shape != shape:
-      raise ValueError(f"params {where} has shape {x.shape}, config implies {shape}; pass the "
-                       "BertConfig these params were trained with.")
+      raise ValueError(
+        f"params {where} has shape {x.shape}, config implies {shape}; pass the "
+        "BertConfig these params were trained with."
+      )
     state[name] = _to_hf_array(layout, x)
   if flat:
     extra = ", ".join("/".join(p) for p in sorted(flat)[:3])
-    raise ValueError(f"params hold tensors Bert(config) does not have ({extra}); pass the params "
-                     "of maskax.models.bert.Bert only.")
+    raise ValueError(
+      f"params hold tensors Bert(config) does not have ({extra}); pass the params "
+      "of maskax.models.bert.Bert only."
+    )
   return hf_config(config), state
 
 
@@ -140,6 +174,7 @@ def _config_from(cfg: dict, source: str) -> bert.BertConfig:
   The two differ in what "gelu" means: google-research/bert configs (no model_type) use it for
   their tanh-approximate `modeling.gelu`; transformers reads it as the exact erf GELU.
   """
+
   def get(key, default=None, integer=True):
     value = cfg.get(key, default)
     if value is None:
@@ -151,67 +186,91 @@ def _config_from(cfg: dict, source: str) -> bert.BertConfig:
     return value
 
   if cfg.get("model_type", "bert") != "bert":
-    raise ValueError(f"{source}: model_type={cfg['model_type']!r} is not 'bert'; only BERT "
-                     "checkpoints can be imported.")
+    raise ValueError(
+      f"{source}: model_type={cfg['model_type']!r} is not 'bert'; only BERT "
+      "checkpoints can be imported."
+    )
   if cfg.get("position_embedding_type", "absolute") != "absolute" or cfg.get("is_decoder"):
-    raise ValueError(f"{source} describes a relative-position or decoder BERT; only the "
-                     "absolute-position encoder is supported.")
+    raise ValueError(
+      f"{source} describes a relative-position or decoder BERT; only the "
+      "absolute-position encoder is supported."
+    )
   act = cfg.get("hidden_act", "gelu")
   if act not in ("gelu",) + _TANH_GELUS:
-    raise ValueError(f"{source}: hidden_act={act!r} is not supported; maskax computes 'gelu' "
-                     f"(exact) and the tanh GELU {_TANH_GELUS}.")
+    raise ValueError(
+      f"{source}: hidden_act={act!r} is not supported; maskax computes 'gelu' "
+      f"(exact) and the tanh GELU {_TANH_GELUS}."
+    )
   sizes = dict(
-      vocab_size=get("vocab_size"), hidden=get("hidden_size"),
-      num_layers=get("num_hidden_layers"), num_heads=get("num_attention_heads"),
-      intermediate=get("intermediate_size"), max_position=get("max_position_embeddings", 512),
-      type_vocab=get("type_vocab_size", 2),
-      dropout=get("hidden_dropout_prob", 0.1, False),
-      attention_dropout=get("attention_probs_dropout_prob", 0.1, False),
-      initializer_range=get("initializer_range", 0.02, False),
-      layer_norm_eps=get("layer_norm_eps", 1e-12, False),
-      gelu_approximate="model_type" not in cfg or act != "gelu")
+    vocab_size=get("vocab_size"),
+    hidden=get("hidden_size"),
+    num_layers=get("num_hidden_layers"),
+    num_heads=get("num_attention_heads"),
+    intermediate=get("intermediate_size"),
+    max_position=get("max_position_embeddings", 512),
+    type_vocab=get("type_vocab_size", 2),
+    dropout=get("hidden_dropout_prob", 0.1, False),
+    attention_dropout=get("attention_probs_dropout_prob", 0.1, False),
+    initializer_range=get("initializer_range", 0.02, False),
+    layer_norm_eps=get("layer_norm_eps", 1e-12, False),
+    gelu_approximate="model_type" not in cfg or act != "gelu",
+  )
   try:
     return bert.BertConfig(**sizes)
   except ValueError as e:
     raise ValueError(f"{source}: {e}") from None
 
 
-def from_hf(hf_config_dict: dict, state_dict: dict, *, config_name: str = "config.json",
-            weights_name: str = "model.safetensors") -> tuple[dict, bert.BertConfig]:
+def from_hf(
+  hf_config_dict: dict,
+  state_dict: dict,
+  *,
+  config_name: str = "config.json",
+  weights_name: str = "model.safetensors",
+) -> tuple[dict, bert.BertConfig]:
   """(params of `Bert(config)` as f32 jax arrays, config) from a config.json (or
   bert_config.json) dict and {HF name: numpy array}; `config_name` and `weights_name` only name
   the sources in error messages."""
   config = _config_from(hf_config_dict, config_name)
   # Old checkpoints name LayerNorm parameters gamma/beta and may keep only the decoder bias.
-  state = {n.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta",
-                                                                    "LayerNorm.bias"): x
-           for n, x in state_dict.items()}
+  state = {
+    n.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): x
+    for n, x in state_dict.items()
+  }
   if "cls.predictions.bias" not in state and "cls.predictions.decoder.bias" in state:
     state["cls.predictions.bias"] = state["cls.predictions.decoder.bias"]
   for name, source in _TIED.items():
     if name in state:
       tied = state.pop(name)
       if source in state and not np.array_equal(tied, state[source]):
-        raise ValueError(f"{weights_name}: {name} differs from {source}; maskax ties them, so "
-                         "an untied checkpoint cannot be imported.")
+        raise ValueError(
+          f"{weights_name}: {name} differs from {source}; maskax ties them, so "
+          "an untied checkpoint cannot be imported."
+        )
   params = {}
   for path, name, layout, shape in _entries(config):
     if name not in state:
-      raise ValueError(f"{weights_name} lacks {name}; import needs a BertForPreTraining "
-                       "checkpoint (BertModel and task models lack the pretraining heads).")
+      raise ValueError(
+        f"{weights_name} lacks {name}; import needs a BertForPreTraining "
+        "checkpoint (BertModel and task models lack the pretraining heads)."
+      )
     x = np.asarray(state.pop(name))
     want = _hf_shape(layout, shape)
     if x.shape != want:
-      raise ValueError(f"{weights_name}: {name} has shape {x.shape}, {config_name} implies "
-                       f"{want}; the weights and the config do not belong together.")
+      raise ValueError(
+        f"{weights_name}: {name} has shape {x.shape}, {config_name} implies "
+        f"{want}; the weights and the config do not belong together."
+      )
     node = params
     for key in path[:-1]:
       node = node.setdefault(key, {})
     node[path[-1]] = jnp.asarray(_from_hf_array(layout, x.astype(np.float32), shape))
   extra = sorted(set(state) - set(_IGNORED))
   if extra:
-    raise ValueError(f"{weights_name} holds tensors BertForPreTraining does not have "
-                     f"({', '.join(extra[:3])}); export it from BertForPreTraining.")
+    raise ValueError(
+      f"{weights_name} holds tensors BertForPreTraining does not have "
+      f"({', '.join(extra[:3])}); export it from BertForPreTraining."
+    )
   return params, config
 
 
@@ -228,8 +287,14 @@ def read_vocab(path) -> list[str]:
   return tokens
 
 
-def export(params, config: bert.BertConfig, vocab: str | os.PathLike | Sequence[str],
-           out_dir: str | os.PathLike, *, lowercase: bool = True) -> pathlib.Path:
+def export(
+  params,
+  config: bert.BertConfig,
+  vocab: str | os.PathLike | Sequence[str],
+  out_dir: str | os.PathLike,
+  *,
+  lowercase: bool = True,
+) -> pathlib.Path:
   """Writes a `BertForPreTraining` directory: config.json, model.safetensors, vocab.txt.
 
   vocab: a vocab.txt path or the tokens in id order (at most `config.vocab_size`). A
@@ -240,8 +305,10 @@ def export(params, config: bert.BertConfig, vocab: str | os.PathLike | Sequence[
 
   tokens = read_vocab(vocab) if isinstance(vocab, (str, os.PathLike)) else [str(t) for t in vocab]
   if not tokens or len(tokens) > config.vocab_size:
-    raise ValueError(f"vocab has {len(tokens)} tokens for vocab_size={config.vocab_size}; pass "
-                     "the vocabulary the model was trained with.")
+    raise ValueError(
+      f"vocab has {len(tokens)} tokens for vocab_size={config.vocab_size}; pass "
+      "the vocabulary the model was trained with."
+    )
   if any("\n" in t for t in tokens):
     raise ValueError("a vocab token contains a newline; vocab.txt holds one token per line.")
   hf_cfg, state = to_hf(params, config)
@@ -251,8 +318,11 @@ def export(params, config: bert.BertConfig, vocab: str | os.PathLike | Sequence[
   # "format": "pt" is the metadata transformers expects in files it reads as torch weights.
   save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
   (out / "vocab.txt").write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
-  tok_cfg = {"tokenizer_class": "BertTokenizer", "do_lower_case": lowercase,
-             "model_max_length": config.max_position}
+  tok_cfg = {
+    "tokenizer_class": "BertTokenizer",
+    "do_lower_case": lowercase,
+    "model_max_length": config.max_position,
+  }
   (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
   return out
 
@@ -267,10 +337,12 @@ def load(directory: str | os.PathLike) -> tuple[dict, bert.BertConfig, list[str]
 
   d = pathlib.Path(directory)
   if not d.is_dir():
-    raise ValueError(f"{d} is not a directory; pass a folder with config.json, "
-                     "model.safetensors and vocab.txt.")
-  config_path = next((d / n for n in ("config.json", "bert_config.json") if (d / n).is_file()),
-                     None)
+    raise ValueError(
+      f"{d} is not a directory; pass a folder with config.json, model.safetensors and vocab.txt."
+    )
+  config_path = next(
+    (d / n for n in ("config.json", "bert_config.json") if (d / n).is_file()), None
+  )
   if config_path is None:
     raise ValueError(f"{d} has neither config.json nor bert_config.json; add the model's config.")
   try:
@@ -281,8 +353,9 @@ def load(directory: str | os.PathLike) -> tuple[dict, bert.BertConfig, list[str]
     raise ValueError(f"{config_path} is not a JSON object; pass a BERT config.")
   weights = d / "model.safetensors"
   if not weights.is_file():
-    hint = ("only model.safetensors is read: resave with save_pretrained(dir, "
-            "safe_serialization=True)")
+    hint = (
+      "only model.safetensors is read: resave with save_pretrained(dir, safe_serialization=True)"
+    )
     if any(d.glob("*.ckpt.index")):
       hint = "this is a TensorFlow checkpoint: convert it to model.safetensors with transformers"
     raise ValueError(f"{weights} does not exist; {hint}.")
@@ -290,11 +363,14 @@ def load(directory: str | os.PathLike) -> tuple[dict, bert.BertConfig, list[str]
     state = load_file(str(weights))
   except Exception as e:  # safetensors raises its own error types for corrupt files
     why = (str(e).splitlines() or [""])[0]
-    raise ValueError(f"{weights} cannot be read ({type(e).__name__}: {why}); re-export it in "
-                     "float32.") from None
+    raise ValueError(
+      f"{weights} cannot be read ({type(e).__name__}: {why}); re-export it in float32."
+    ) from None
   params, config = from_hf(cfg, state, config_name=str(config_path), weights_name=str(weights))
   tokens = read_vocab(d / "vocab.txt")
   if len(tokens) > config.vocab_size:
-    raise ValueError(f"{d / 'vocab.txt'} has {len(tokens)} tokens but vocab_size="
-                     f"{config.vocab_size} in {config_path}; they must belong together.")
+    raise ValueError(
+      f"{d / 'vocab.txt'} has {len(tokens)} tokens but vocab_size="
+      f"{config.vocab_size} in {config_path}; they must belong together."
+    )
   return params, config, tokens

@@ -48,23 +48,25 @@ class PaddedGRUClassifier(nn.Module):
     m, h = self.masking, x
     for i in range(self.conv_layers):
       if m.conv:
-        h = layers.MaskedConv1D(self.conv_features, self.conv_kernel, name=f"conv{i}")(
-            h, step_mask)
+        h = layers.MaskedConv1D(self.conv_features, self.conv_kernel, name=f"conv{i}")(h, step_mask)
       else:
         h = nn.Conv(self.conv_features, (self.conv_kernel,), padding="SAME", name=f"conv{i}")(h)
       if i < self.conv_layers - 1:
         h = nn.relu(h)
     if m.batch_norm:
       h = layers.MaskedBatchNorm(momentum=self.bn_momentum, name="bn")(
-          h, step_mask, use_running_average=not train)
+        h, step_mask, use_running_average=not train
+      )
       # relu(0) = 0 keeps the padding at 0 here; the remask states the contract for any
       # elementwise op that does not (sigmoid, +bias).
       h = layers.remask(nn.relu(h), step_mask)
     else:
-      h = nn.relu(nn.BatchNorm(momentum=self.bn_momentum, use_running_average=not train,
-                               name="bn")(h))
+      h = nn.relu(
+        nn.BatchNorm(momentum=self.bn_momentum, use_running_average=not train, name="bn")(h)
+      )
     carry, outputs = PaddedRNN("gru", self.hidden, output_policy=self.output_policy, name="gru")(
-        h, mask=step_mask if m.state else None, return_carry=True)
+      h, mask=step_mask if m.state else None, return_carry=True
+    )
     head = nn.Dense(self.classes, name="head")
     return head(outputs), head(carry)
 

@@ -83,16 +83,21 @@ def init_params(key, config: Seq2SeqConfig) -> dict:
   c, H, E, M = config, config.hidden, config.embed, config.memory
   keys = iter(jax.random.split(key, 8 + 4 * c.layers))
   init = _cell_init(c.cell)
-  params = {"source_embedding": _normal(next(keys), (c.source_vocab, E), E),
-            "target_embedding": _normal(next(keys), (c.target_vocab, E), E),
-            "encoder": {}, "decoder": {},
-            "output_w": _normal(next(keys), (c.target_vocab, H), H),
-            "output_b": jnp.zeros((c.target_vocab,), jnp.float32)}
+  params = {
+    "source_embedding": _normal(next(keys), (c.source_vocab, E), E),
+    "target_embedding": _normal(next(keys), (c.target_vocab, E), E),
+    "encoder": {},
+    "decoder": {},
+    "output_w": _normal(next(keys), (c.target_vocab, H), H),
+    "output_b": jnp.zeros((c.target_vocab,), jnp.float32),
+  }
   for l in range(c.layers):
     width = E if l == 0 else M
     if c.bidirectional:
-      params["encoder"][f"layer_{l}"] = {"fwd": init(next(keys), width, H),
-                                         "bwd": init(next(keys), width, H)}
+      params["encoder"][f"layer_{l}"] = {
+        "fwd": init(next(keys), width, H),
+        "bwd": init(next(keys), width, H),
+      }
     else:
       params["encoder"][f"layer_{l}"] = init(next(keys), width, H)
     width = (E + (M if c.attention == "bahdanau" else 0)) if l == 0 else H
@@ -100,9 +105,11 @@ def init_params(key, config: Seq2SeqConfig) -> dict:
   if c.attention == "luong":
     params["attention"] = {"w": _normal(next(keys), (H, M), M)}
   elif c.attention == "bahdanau":
-    params["attention"] = {"w_query": _normal(next(keys), (H, H), H),
-                           "w_memory": _normal(next(keys), (M, H), M),
-                           "v": _normal(next(keys), (H,), H)}
+    params["attention"] = {
+      "w_query": _normal(next(keys), (H, H), H),
+      "w_memory": _normal(next(keys), (M, H), M),
+      "v": _normal(next(keys), (H,), H),
+    }
   if c.attention != "none":
     params["attention"]["combine_w"] = _normal(next(keys), (M + H, H), M + H)
     params["attention"]["combine_b"] = jnp.zeros((H,), jnp.float32)
@@ -133,12 +140,18 @@ def encode(params, config: Seq2SeqConfig, source, source_len):
   """
   source, source_len = jnp.asarray(source), jnp.asarray(source_len)
   if source.ndim != 2 or source_len.shape != source.shape[:1]:
-    raise ValueError(f"source must be i32[B, S] and source_len i32[B], got {source.shape} and "
-                     f"{source_len.shape}")
+    raise ValueError(
+      f"source must be i32[B, S] and source_len i32[B], got {source.shape} and {source_len.shape}"
+    )
   mask = masks.sequence_mask(source_len, source.shape[1])
   x = _embed(params["source_embedding"], source, mask)
-  values, carries = scan.stacked_scan(_layers(params["encoder"], config), x, source_len,
-                                      cell=config.cell, bidirectional=config.bidirectional)
+  values, carries = scan.stacked_scan(
+    _layers(params["encoder"], config),
+    x,
+    source_len,
+    cell=config.cell,
+    bidirectional=config.bidirectional,
+  )
   if config.bidirectional:
     carries = [jax.tree.map(jnp.add, fwd, bwd) for fwd, bwd in carries]
   if config.attention == "luong":
@@ -172,8 +185,9 @@ def attend(params, config: Seq2SeqConfig, query, memory):
 
 def _combine(params, ctx, h):
   p = params["attention"]
-  return jnp.tanh(cells.add_bias(jnp.concatenate([ctx, h], axis=-1) @ p["combine_w"],
-                                 p["combine_b"]))
+  return jnp.tanh(
+    cells.add_bias(jnp.concatenate([ctx, h], axis=-1) @ p["combine_w"], p["combine_b"])
+  )
 
 
 def decode_step(params, config: Seq2SeqConfig, memory, state, token):
@@ -192,8 +206,9 @@ def decode_step(params, config: Seq2SeqConfig, memory, state, token):
   if config.attention == "luong":
     x = _combine(params, attend(params, config, x, memory), x)
   elif config.attention == "bahdanau":
-    x = _combine(params, attend(params, config, cells.hidden_state(config.cell, new_state[-1]),
-                                memory), x)
+    x = _combine(
+      params, attend(params, config, cells.hidden_state(config.cell, new_state[-1]), memory), x
+    )
   return x, new_state
 
 
@@ -212,6 +227,7 @@ def teacher_forced(params, config: Seq2SeqConfig, source, source_len, target_in,
   T = target_in.shape[1]
   valid = masks.sequence_mask(target_len, T)
   if config.attention == "bahdanau":  # the context enters the cell: step by step
+
     def step(state, inputs):
       token, ok = inputs
       out, new = decode_step(params, config, memory, state, jnp.where(ok, token, 0))
@@ -221,15 +237,25 @@ def teacher_forced(params, config: Seq2SeqConfig, source, source_len, target_in,
     _, out_TBH = lax.scan(step, state, (target_in.T, valid.T))
     return jnp.swapaxes(out_TBH, 0, 1)
   x = _embed(params["target_embedding"], target_in, valid)
-  h, _ = scan.stacked_scan(_layers(params["decoder"], config), x, target_len, cell=config.cell,
-                           initial_carry=state)
+  h, _ = scan.stacked_scan(
+    _layers(params["decoder"], config), x, target_len, cell=config.cell, initial_carry=state
+  )
   if config.attention == "luong":
     h = jnp.where(valid[..., None], _combine(params, attend(params, config, h, memory), h), 0.0)
   return h
 
 
-def sequence_loss(params, config: Seq2SeqConfig, batch, *, softmax: str = "full",
-                  mode: str = "token_mean", key=None, num_sampled: int = 512, candidates=None):
+def sequence_loss(
+  params,
+  config: Seq2SeqConfig,
+  batch,
+  *,
+  softmax: str = "full",
+  mode: str = "token_mean",
+  key=None,
+  num_sampled: int = 512,
+  candidates=None,
+):
   """Masked cross-entropy over the real target tokens (y_1 ... y_n EOS), plus token accuracy.
 
   batch: source i32[B, S], source_len i32[B], target_in / target_out i32[B, T], target_len
@@ -240,23 +266,34 @@ def sequence_loss(params, config: Seq2SeqConfig, batch, *, softmax: str = "full"
   """
   if softmax not in SOFTMAXES:
     raise ValueError(f"softmax must be one of {SOFTMAXES}, got {softmax!r}")
-  feats = teacher_forced(params, config, batch["source"], batch["source_len"],
-                         batch["target_in"], batch["target_len"])
+  feats = teacher_forced(
+    params, config, batch["source"], batch["source_len"], batch["target_in"], batch["target_len"]
+  )
   labels = batch["target_out"]
   mask = masks.sequence_mask(batch["target_len"], labels.shape[1])
   if "valid" in batch:
     mask = mask & batch["valid"][:, None]
   if softmax == "full":
     out = logits(params, feats)
-    return {"xent": losses.masked_xent(out, labels, mask, mode=mode),
-            "token_accuracy": losses.masked_accuracy(out, labels, mask)}
+    return {
+      "xent": losses.masked_xent(out, labels, mask, mode=mode),
+      "token_accuracy": losses.masked_accuracy(out, labels, mask),
+    }
   if mode != "token_mean":
-    raise ValueError(f"sampled softmax gives a token mean only; use loss.mode=token_mean, "
-                     f"got {mode!r}")
+    raise ValueError(
+      f"sampled softmax gives a token mean only; use loss.mode=token_mean, got {mode!r}"
+    )
   H = feats.shape[-1]
   xent = sampling.sampled_softmax_loss(
-      feats.reshape(-1, H), params["output_w"], params["output_b"], labels.reshape(-1),
-      mask.reshape(-1), key=key, num_sampled=num_sampled, candidates=candidates)
+    feats.reshape(-1, H),
+    params["output_w"],
+    params["output_b"],
+    labels.reshape(-1),
+    mask.reshape(-1),
+    key=key,
+    num_sampled=num_sampled,
+    candidates=candidates,
+  )
   return {"xent": xent}
 
 
@@ -270,8 +307,16 @@ def step_fn(config: Seq2SeqConfig):
   return step
 
 
-def translate(params, config: Seq2SeqConfig, source, source_len, *, max_len: int,
-              beam_width: int = 1, length_penalty: float = 0.6) -> decoding.Decoded:
+def translate(
+  params,
+  config: Seq2SeqConfig,
+  source,
+  source_len,
+  *,
+  max_len: int,
+  beam_width: int = 1,
+  length_penalty: float = 0.6,
+) -> decoding.Decoded:
   """Greedy (beam_width = 1) or beam-search translations of a ragged source batch.
 
   source i32[B, S], source_len i32[B]. Returns `decoding.Decoded` with tokens i32[B, max_len]:
@@ -281,5 +326,12 @@ def translate(params, config: Seq2SeqConfig, source, source_len, *, max_len: int
   options = dict(max_len=max_len, go_id=GO, eos_id=EOS, pad_id=PAD)
   if beam_width == 1:
     return decoding.greedy_decode(step_fn(config), params, memory, state, **options)
-  return decoding.beam_search(step_fn(config), params, memory, state, beam_width=beam_width,
-                              length_penalty=length_penalty, **options)
+  return decoding.beam_search(
+    step_fn(config),
+    params,
+    memory,
+    state,
+    beam_width=beam_width,
+    length_penalty=length_penalty,
+    **options,
+  )

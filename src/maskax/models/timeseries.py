@@ -28,8 +28,10 @@ STRATEGIES = ("indicator", "zero_fill", "forward_fill", "mean_fill")
 
 def _check(x, fmask):
   if x.ndim < 2 or fmask.shape != x.shape or fmask.dtype != jnp.bool_:
-    raise ValueError(f"fmask must be bool with the shape of x f32[..., T, F]; got x {x.shape},"
-                     f" fmask {fmask.dtype}{list(fmask.shape)} (True = observed).")
+    raise ValueError(
+      f"fmask must be bool with the shape of x f32[..., T, F]; got x {x.shape},"
+      f" fmask {fmask.dtype}{list(fmask.shape)} (True = observed)."
+    )
 
 
 def _fill(fill_value, x):
@@ -100,8 +102,10 @@ def next_step_mse(pred, x, fmask):
   """
   pred, target, observed = pred[:, :-1], x[:, 1:], fmask[:, 1:]
   every = jnp.ones(observed.shape, jnp.bool_)
-  return (losses.masked_mse(pred, target, observed, mode="token_mean"),
-          losses.masked_mse(pred, target, every, mode="token_mean"))
+  return (
+    losses.masked_mse(pred, target, observed, mode="token_mean"),
+    losses.masked_mse(pred, target, every, mode="token_mean"),
+  )
 
 
 class FeatureMaskRNN(nn.Module):
@@ -122,5 +126,6 @@ class FeatureMaskRNN(nn.Module):
     inputs = build_inputs(x, fmask, strategy=self.strategy, fill_value=fill_value)
     step_mask = masks.step_mask_from_feature_mask(fmask) if self.freeze_missing_steps else None
     h = PaddedRNN(self.cell, self.hidden, output_policy="carry_forward", name="rnn")(
-        inputs, mask=step_mask)
+      inputs, mask=step_mask
+    )
     return nn.Dense(x.shape[-1], name="head")(h)

@@ -296,6 +296,14 @@ def dynamic_draws(
   )
 
 
+def count_capped(stats: dict, drawn, max_predictions: int) -> None:
+  """Adds to `stats` how many rows drew more dynamic masks than `max_predictions` slots hold,
+  and how many predictions the cap dropped (drawn: i32[B] from `mask_dynamic`)."""
+  stats["rows"] += len(drawn)
+  stats["capped_rows"] += int((drawn > max_predictions).sum())
+  stats["dropped_predictions"] += int(np.maximum(drawn - max_predictions, 0).sum())
+
+
 def mask_dynamic(
   tokens: np.ndarray,
   maskable: np.ndarray,

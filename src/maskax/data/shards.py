@@ -224,10 +224,7 @@ class PreparedBatches:
       max_predictions=self.max_predictions,
       mask_id=self.tokenizer.mask_id,
     )
-    drawn = out.pop("num_drawn")
-    self.stats["rows"] += len(drawn)
-    self.stats["capped_rows"] += int((drawn > self.max_predictions).sum())
-    self.stats["dropped_predictions"] += int(np.maximum(drawn - self.max_predictions, 0).sum())
+    bert_data.count_capped(self.stats, out.pop("num_drawn"), self.max_predictions)
     return out
 
   def __next__(self) -> dict:

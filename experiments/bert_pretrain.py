@@ -19,6 +19,7 @@ accuracy 0.11-0.12 against 0.057 for the unigram baseline. Accuracy is also repo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -76,6 +77,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.short_seq_prob = 0.1
   c.model = ml_collections.ConfigDict()
   c.model.size = "tiny"  # smoke | tiny | mini | base: shorthands for the five sizes below
+  c.model.init_from = ""  # a HF BertForPreTraining folder (config.json or bert_config.json,
+  # model.safetensors, vocab.txt) to continue pretraining from: its sizes and vocab.txt win
   c.model.num_layers = 0  # > 0 overrides the size's layer count (as each of the next four)
   c.model.hidden = 0  # D
   c.model.num_heads = 0
@@ -140,9 +143,11 @@ def build_data(config, workdir):
   train_docs, eval_docs = corpus.split_documents(docs, config.data.eval_fraction, config.data.seed)
   if not eval_docs:
     raise ValueError("data.eval_fraction leaves no held-out document; raise it or add data.")
-  tok = tokenizer_lib.for_run(
-    train_docs, config.data.vocab_size, workdir, vocab_file=config.data.vocab_file
+  # An imported checkpoint brings its own vocabulary: its ids index the embedding table.
+  vocab_file = config.data.vocab_file or (
+    os.path.join(config.model.init_from, "vocab.txt") if config.model.init_from else ""
   )
+  tok = tokenizer_lib.for_run(train_docs, config.data.vocab_size, workdir, vocab_file=vocab_file)
   common = dict(
     batch_size=config.train.batch_size,
     seq_len=config.data.seq_len,
@@ -237,6 +242,18 @@ def make_loss(model, config, mask_id: int):
 
 def make_model(config, vocab_size: int) -> bert.Bert:
   m = config.model
+  if m.init_from:  # the imported checkpoint's sizes, with this run's dropout and dtype
+    imported = hf_bert.read_config(m.init_from)
+    if config.data.seq_len > imported.max_position:
+      raise ValueError(
+        f"data.seq_len={config.data.seq_len} exceeds the {imported.max_position} positions of "
+        f"model.init_from={m.init_from}; lower data.seq_len."
+      )
+    return bert.Bert(
+      dataclasses.replace(
+        imported, dropout=m.dropout, attention_dropout=m.dropout, dtype=jnp.dtype(m.dtype)
+      )
+    )
   sizes = {k: m[k] for k in ("num_layers", "hidden", "num_heads", "intermediate") if m[k] > 0}
   return bert.Bert(
     bert.BertConfig.preset(
@@ -271,6 +288,12 @@ def make_optimizer(config) -> optax.GradientTransformation:
 def init_fn(model, config):
   """key -> (params, {}) for the task."""
   T, P = config.data.seq_len, config.data.max_predictions
+
+  if config.model.init_from:
+    # Host arrays, closed over: the jitted init returns them as they are (for BERT-base that
+    # embeds 0.4 GB of constants in one compile, paid once per run).
+    params = hf_bert.load(config.model.init_from)[0]
+    return lambda key: (params, {})
 
   def init(key):
     zeros = jnp.zeros((1, T), jnp.int32)

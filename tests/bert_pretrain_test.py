@@ -242,3 +242,23 @@ def test_exported_run_gives_transformers_the_same_predictions(trained_smoke, tmp
   np.testing.assert_allclose(
     theirs.seq_relationship_logits[0].numpy(), np.asarray(ours["nsp_logits"][0]), atol=1e-4
   )
+
+
+def test_pretraining_continues_from_an_imported_checkpoint(trained_smoke, tmp_path):
+  """Export a run, then start a new run from the export: its step-0 parameters are the
+  exported ones, its tokenizer the export's vocab.txt, and it trains."""
+  config, workdir = trained_smoke
+  exported = bert_pretrain.export(config, workdir, str(tmp_path / "hf"))
+  imported = bert_pretrain.get_config("smoke")
+  with imported.unlocked():
+    imported.model.init_from = exported
+    imported.model.size = "base"  # ignored: the checkpoint's sizes win
+  tok, _, _ = bert_pretrain.build_data(imported, str(tmp_path / "run"))
+  model = bert_pretrain.make_model(imported, tok.vocab_size)
+  start, _ = bert_pretrain.init_fn(model, imported)(jax.random.PRNGKey(0))
+  _, trained_params, trained_tok = bert_pretrain._trained_model(config, workdir)
+  assert tok.vocab_size == trained_tok.vocab_size and model.config.hidden == 32
+  for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(trained_params)):
+    np.testing.assert_array_equal(a, b)
+  final = bert_pretrain.run(imported, str(tmp_path / "run"))
+  assert np.isfinite(final["loss"])

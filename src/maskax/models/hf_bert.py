@@ -327,6 +327,21 @@ def export(
   return out
 
 
+def read_config(directory: str | os.PathLike) -> bert.BertConfig:
+  """The `BertConfig` of a `BertForPreTraining` directory, without reading its weights."""
+  d = pathlib.Path(directory)
+  config_path = next(
+    (d / n for n in ("config.json", "bert_config.json") if (d / n).is_file()), None
+  )
+  if config_path is None:
+    raise ValueError(f"{d} has neither config.json nor bert_config.json; add the model's config.")
+  try:
+    cfg = json.loads(config_path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{config_path} is not valid JSON ({e}); fix or re-export it.") from None
+  return _config_from(cfg, str(config_path))
+
+
 def load(directory: str | os.PathLike) -> tuple[dict, bert.BertConfig, list[str]]:
   """(params, config, vocab tokens) of a `BertForPreTraining` directory.
 

@@ -92,6 +92,17 @@ def unreadable_file(path: str) -> str | None:
   return None
 
 
+def read_failure(path: str, e: BaseException) -> RuntimeError:
+  """The error for a failed read of `path`: CheckpointReadError when a present file cannot be
+  read (or the OS said so), else CorruptCheckpointError (missing, short or undecodable files)."""
+  unreadable = unreadable_file(path)
+  if unreadable is not None or (isinstance(e, OSError) and not isinstance(e, FileNotFoundError)):
+    return CheckpointReadError(
+      f"{path} cannot be read ({unreadable or type(e).__name__ + ': ' + _first_line(e)})"
+    )
+  return CorruptCheckpointError(f"{path} cannot be read ({type(e).__name__}: {_first_line(e)})")
+
+
 def _first_line(e: BaseException) -> str:
   return (str(e).strip().splitlines() or [""])[0][:200]
 
@@ -179,16 +190,7 @@ class Checkpointer:
     try:
       return self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax and tensorstore raise many types for missing/short files
-      unreadable = unreadable_file(path)
-      if unreadable is not None or (
-        isinstance(e, OSError) and not isinstance(e, FileNotFoundError)
-      ):
-        raise CheckpointReadError(
-          f"{path} cannot be read ({unreadable or type(e).__name__ + ': ' + _first_line(e)})"
-        ) from e
-      raise CorruptCheckpointError(
-        f"{path} cannot be read ({type(e).__name__}: {_first_line(e)})"
-      ) from e
+      raise read_failure(path, e) from e
 
   def restore(self, abstract_state: Any, step: int | None = None):
     """Restores and verifies `(state, data_state, loop_state)` at `step` (default: latest).
@@ -225,6 +227,11 @@ class Checkpointer:
 
   def read_loop(self, step: int) -> dict:
     """The verified `loop` item of `step` alone (no arrays are read); raises like `restore`."""
+    return self.read_records(step)[0]
+
+  def read_records(self, step: int) -> tuple[dict, dict]:
+    """`(loop, integrity record)` of `step`, the loop verified against the record; no arrays are
+    read (the record also verifies a partial restore of them). Raises like `restore`."""
     items = dict(loop=ocp.args.JsonRestore(), integrity=ocp.args.JsonRestore())
     restored = self._read(step, items)
     record = restored.integrity if isinstance(restored.integrity, dict) else {}
@@ -232,14 +239,7 @@ class Checkpointer:
       raise CorruptCheckpointError(
         f"{self._step_path(step)}: loop item does not match its checksum"
       )
-    return restored.loop
-
-  def read_integrity(self, step: int) -> dict:
-    """The integrity record of `step` (to verify a partial restore of its arrays)."""
-    restored = self._read(step, dict(integrity=ocp.args.JsonRestore()))
-    if not isinstance(restored.integrity, dict):
-      raise CorruptCheckpointError(f"{self._step_path(step)} has no integrity record")
-    return restored.integrity
+    return restored.loop, record
 
   def _predates_integrity(self, step: int) -> bool:
     # Orbax records the items a save wrote; a half-copied folder lacks that record (or lists

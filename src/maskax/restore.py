@@ -84,16 +84,10 @@ def restore_params(workdir: str, step: int | None = None) -> Trained:
       ),
     )
   except Exception as e:  # orbax and tensorstore raise many types for missing/short files
-    unreadable = ckpt_lib.unreadable_file(path)
-    error = ckpt_lib.CheckpointReadError if unreadable else ckpt_lib.CorruptCheckpointError
-    raise error(
-      f"{path} cannot be read ({unreadable or type(e).__name__}: "
-      f"{(str(e).strip().splitlines() or [''])[0][:200]})"
-    ) from e
+    raise ckpt_lib.read_failure(path, e) from e
   record = ckpt_lib.Checkpointer(directory, every=1, keep=1, reader=True)
   try:
-    loop = record.read_loop(step)
-    expected = record.read_integrity(step)
+    loop, expected = record.read_records(step)
   finally:
     record.close()
   actual = integrity.tree_digests(restored)

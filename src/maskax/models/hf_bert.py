@@ -327,9 +327,8 @@ def export(
   return out
 
 
-def read_config(directory: str | os.PathLike) -> bert.BertConfig:
-  """The `BertConfig` of a `BertForPreTraining` directory, without reading its weights."""
-  d = pathlib.Path(directory)
+def _config_json(d: pathlib.Path) -> tuple[dict, pathlib.Path]:
+  """(the parsed config, its path): config.json (transformers) or bert_config.json."""
   config_path = next(
     (d / n for n in ("config.json", "bert_config.json") if (d / n).is_file()), None
   )
@@ -339,6 +338,14 @@ def read_config(directory: str | os.PathLike) -> bert.BertConfig:
     cfg = json.loads(config_path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{config_path} is not valid JSON ({e}); fix or re-export it.") from None
+  if not isinstance(cfg, dict):
+    raise ValueError(f"{config_path} is not a JSON object; pass a BERT config.")
+  return cfg, config_path
+
+
+def read_config(directory: str | os.PathLike) -> bert.BertConfig:
+  """The `BertConfig` of a `BertForPreTraining` directory, without reading its weights."""
+  cfg, config_path = _config_json(pathlib.Path(directory))
   return _config_from(cfg, str(config_path))
 
 
@@ -355,17 +362,7 @@ def load(directory: str | os.PathLike) -> tuple[dict, bert.BertConfig, list[str]
     raise ValueError(
       f"{d} is not a directory; pass a folder with config.json, model.safetensors and vocab.txt."
     )
-  config_path = next(
-    (d / n for n in ("config.json", "bert_config.json") if (d / n).is_file()), None
-  )
-  if config_path is None:
-    raise ValueError(f"{d} has neither config.json nor bert_config.json; add the model's config.")
-  try:
-    cfg = json.loads(config_path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{config_path} is not valid JSON ({e}); fix or re-export it.") from None
-  if not isinstance(cfg, dict):
-    raise ValueError(f"{config_path} is not a JSON object; pass a BERT config.")
+  cfg, config_path = _config_json(d)
   weights = d / "model.safetensors"
   if not weights.is_file():
     hint = (

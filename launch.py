@@ -12,8 +12,8 @@
 root; `--list` shows the files in experiments/ that define `get_config`. A sweep trains every
 run of its grid (each --sweep flag is one axis; --seeds=N repeats every cell with seeds 0..N-1)
 in a sub-workdir named after its values, skips runs that already finished, and writes
-results.md/.csv/.png with means and 95% intervals over seeds (see maskax.sweep, maskax.report;
-`python -m maskax.report WORKDIR` redraws them, also while the sweep runs).
+results.md/.csv/.png with means and 95% intervals over seeds (see maskax.ablation.sweep, maskax.ablation.report;
+`python -m maskax.ablation.report WORKDIR` redraws them, also while the sweep runs).
 
 Re-running the same command resumes from the workdir's newest intact checkpoint. A run holds the
 workdir's lock (`WORKDIR/run.lock`) from start to exit, so a second launch into it fails at once
@@ -257,7 +257,7 @@ def precheck_config_arg(argv) -> list[str]:
       + ", ".join(presets)
       + f" (use --config={path}:PRESET or no preset)."
     )
-  from maskax import runs
+  from maskax.training import runs
 
   try:
     known_keys = runs.flatten(module.get_config(preset).to_dict())
@@ -298,7 +298,7 @@ def maybe_initialize_distributed() -> bool:
   # CPU processes need a cross-process collectives library (GPU uses NCCL, TPU its ICI/DCN);
   # the option is ignored by other backends.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  # JAX's preemption service would take SIGTERM for itself; maskax.preemption handles it the
+  # JAX's preemption service would take SIGTERM for itself; maskax.training.preemption handles it the
   # same way with or without jax.distributed (see that module).
   jax.config.update("jax_enable_preemption_service", False)
   jax.distributed.initialize(
@@ -324,9 +324,9 @@ def topology() -> dict[str, int]:
 
 
 def lock_workdir(workdir: str):
-  """The workdir's lock, taken by process 0 for every process (`maskax.workdir_lock`)."""
+  """The workdir's lock, taken by process 0 for every process (`maskax.training.workdir_lock`)."""
   import jax
-  from maskax import workdir_lock
+  from maskax.training import workdir_lock
 
   return workdir_lock.hold(
     workdir,
@@ -338,9 +338,10 @@ def lock_workdir(workdir: str):
 
 def run_one(module, config, workdir: str) -> dict:
   """Locks `workdir`, writes (or checks) the resolved config, runs the experiment, and records
-  its final metrics in `final.json` (what marks a sweep's run finished: `maskax.sweep`)."""
+  its final metrics in `final.json` (what marks a sweep's run finished: `maskax.ablation.sweep`)."""
   import jax
-  from maskax import runs, sweep
+  from maskax.ablation import sweep
+  from maskax.training import runs
 
   runs.check_values(config.to_dict())
   with lock_workdir(workdir):
@@ -375,9 +376,10 @@ def with_values(config, values):
 
 def run_sweep(module, config, workdir: str) -> None:
   """Every run of the grid (--sweep axes x --seeds) in its own sub-workdir, skipping finished
-  ones, then results.md/.csv/.png in `workdir` (`maskax.sweep`, `maskax.report`)."""
+  ones, then results.md/.csv/.png in `workdir` (`maskax.ablation.sweep`, `maskax.ablation.report`)."""
   import jax
-  from maskax import progress, report, runs, sweep
+  from maskax.ablation import report, sweep
+  from maskax.training import progress, runs
 
   flat = runs.flatten(config.to_dict())
   axes, seeds = sweep.parse_grid(FLAGS.sweep or [], flat, seeds=FLAGS.seeds)
@@ -454,7 +456,7 @@ def trained_config(module, config, workdir: str):
   build a model that does not fit the checkpoint, or read its inputs differently. Returns
   `config` unchanged when the workdir has no checkpoint (predict() then says so)."""
   import ml_collections
-  from maskax import runs
+  from maskax.training import runs
 
   saved = runs.checkpoint_run_record(workdir) if runs.has_checkpoint(workdir) else None
   if saved is None:
@@ -516,8 +518,8 @@ def main(argv):
     )
   maybe_initialize_distributed()
   import jax  # only after distributed init: no JAX call may come before it.
-  from maskax import runs
-  from maskax.preemption import Preempted
+  from maskax.training import runs
+  from maskax.training.preemption import Preempted
 
   path, _, preset = _config_arg(sys.argv).partition(":")
   name = os.path.splitext(os.path.basename(path))[0]

@@ -1,6 +1,6 @@
 """BERT pretraining step throughput and MFU: the experiment's real train step on random batches.
 
-Times `maskax.train_step.make_train_step` (forward, backward, clipping, AdamW, the non-finite
+Times `maskax.training.train_step.make_train_step` (forward, backward, clipping, AdamW, the non-finite
 guard) on the BERT task of experiments/bert_pretrain.py, for each (compute dtype, MLM head)
 row, with random token ids and a padded input mask (lengths uniform in [T/2, T]) so no
 tokenizer or corpus is needed. Per row: median step time over `--windows` windows of
@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/
 from experiments import bert_pretrain  # noqa: E402
-from maskax import sharding, train, train_step
+from maskax.training import sharding, train, train_step
 from maskax.data import tokenizer as tokenizer_lib
 from maskax.models import bert
 
@@ -54,7 +54,7 @@ def random_batch(batch, seq_len, preds, vocab, seed=0):
 
 
 def matmul_tflops(dtype, size, repeats=10):
-  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype)
+  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
   f = jax.jit(lambda a: a @ a)
   jax.block_until_ready(f(a))
   times = []
@@ -77,7 +77,7 @@ def bench_row(config, batch_np, dtype, head, steps, windows):
   )
   mesh = sharding.make_mesh()
   init = jax.jit(functools.partial(train.init_state, task), out_shardings=sharding.replicated(mesh))
-  state = init(jax.random.PRNGKey(0))
+  state = init(jax.random.key(0))
   step = train_step.make_train_step(task, train.LoopOptions.from_config(config.train), mesh)
   batch = sharding.shard_batch(batch_np, mesh)
   start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Padded GRU/LSTM scan, forward + backward: maskax.scan.padded_scan vs flax.linen.RNN(seq_lengths).
+"""Padded GRU/LSTM scan, forward + backward: maskax.rnn.scan.padded_scan vs flax.linen.RNN(seq_lengths).
 
 Run: `python benchmarks/scan_bench.py` (B=64, T=100, F=256, D=256 and 512, lengths uniform in
 [10, 100], seed 0) or `--quick` (tiny shapes, mostly compile time). Each row times
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maskax import cells, scan
+from maskax.rnn import cells, scan
 
 
 def time_calls(calls, repeats):

@@ -29,7 +29,8 @@ import numpy as np
 import optax
 
 from experiments import common
-from maskax import losses, restore, train
+from maskax.masking import losses
+from maskax.training import restore, train
 from maskax.data import corpus, tokenizer as tokenizer_lib
 from maskax.data.batching import BertBatches
 from maskax.models import bert, bert_predict, hf_bert

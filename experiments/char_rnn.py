@@ -40,7 +40,8 @@ import optax
 from absl import logging
 
 from experiments import common
-from maskax import evaluation, losses, progress, restore, sharding, train
+from maskax.masking import losses
+from maskax.training import evaluation, progress, restore, sharding, train
 from maskax.data import chars, corpus
 from maskax.models import char_rnn
 

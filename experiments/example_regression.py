@@ -1,6 +1,6 @@
 """Masked per-step regression on padded sequences: the smallest experiment the loop runs.
 
-It exists to exercise `maskax.train` end to end (checkpoints, resume, sharding, sweeps, the
+It exists to exercise `maskax.training.train` end to end (checkpoints, resume, sharding, sweeps, the
 non-finite guard) in seconds, on the theme of the library: padded steps hold garbage (NaN by
 default) and the masked token-mean loss must never see it.
 
@@ -19,7 +19,8 @@ import numpy as np
 import optax
 
 from experiments import common
-from maskax import losses, masks, train
+from maskax.masking import losses, masks
+from maskax.training import train
 from maskax.data import iterators
 
 # Slowing the data pipeline (tests that signal or kill a run mid-way) changes no number.

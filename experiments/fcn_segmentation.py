@@ -39,7 +39,8 @@ import numpy as np
 import optax
 
 from experiments import common
-from maskax import evaluation, losses, metrics, progress, restore, sampling, sharding, train
+from maskax.masking import losses, metrics, sampling
+from maskax.training import evaluation, progress, restore, sharding, train
 from maskax.data import images, segmentation, user_files
 from maskax.models.fcn import FCN, FCNConfig
 

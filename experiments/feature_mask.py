@@ -38,7 +38,8 @@ import numpy as np
 import optax
 
 from experiments import common
-from maskax import evaluation, losses, restore, train
+from maskax.masking import losses
+from maskax.training import evaluation, restore, train
 from maskax.data import iterators, synthetic, user_files
 from maskax.models import timeseries
 

@@ -40,10 +40,11 @@ import numpy as np
 import optax
 
 from experiments import common
-from maskax import evaluation, losses, masks, restore, train
+from maskax.masking import losses, masks
+from maskax.training import evaluation, restore, train
 from maskax.data import iterators, synthetic, user_files
 from maskax.models.padded_gru import Masking, PaddedGRUClassifier, apply
-from maskax.scan import bucket_boundaries, bucket_for
+from maskax.data.iterators import bucket_boundaries, bucket_for
 
 PRESETS = {
   "default": "conv(2)-BN-ReLU-GRU(32), lengths 5-200, batch 32, 500 steps (~1.5 min on CPU)",

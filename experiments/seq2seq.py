@@ -34,7 +34,8 @@ import optax
 from absl import logging
 
 from experiments import common
-from maskax import decoding, restore, scan, train
+from maskax.rnn import decoding
+from maskax.training import restore, train
 from maskax.data import iterators, translation
 from maskax.models import seq2seq
 
@@ -191,7 +192,7 @@ def build_data(config):
   )
   if not len(eval_arrays["source"]):
     raise ValueError("no held-out pair fits data.max_source_len / data.max_target_len")
-  boundaries = scan.bucket_boundaries(d.max_source_len, d.num_buckets)
+  boundaries = iterators.bucket_boundaries(d.max_source_len, d.num_buckets)
   eval_batches = translation.bucket_batches(eval_arrays, config.train.batch_size, boundaries)
   shapes = sorted({b["source"].shape for b in eval_batches})
   logging.info(

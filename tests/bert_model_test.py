@@ -297,7 +297,7 @@ def test_train_flops_formula_matches_xla_forward_count(mlm_head):
   ids, mask = jnp.ones((b, t), jnp.int32), jnp.ones((b, t), bool)
   positions = jnp.zeros((b, p), jnp.int32)
   variables = jax.eval_shape(
-    lambda: model.init(jax.random.PRNGKey(0), ids, ids, mask, positions, train=False)
+    lambda: model.init(jax.random.key(0), ids, ids, mask, positions, train=False)
   )
 
   def forward(params):

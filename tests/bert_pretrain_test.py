@@ -10,7 +10,7 @@ import pytest
 
 from conftest import launch
 from experiments import bert_pretrain
-from maskax import losses
+from maskax.masking import losses
 from maskax.models import bert
 
 
@@ -24,7 +24,7 @@ def setup(tmp_path_factory):
   )
   batch = {k: jnp.asarray(v) for k, v in next(train_data).items()}
   params = model.init(
-    jax.random.PRNGKey(0),
+    jax.random.key(0),
     batch["input_ids"],
     batch["segment_ids"],
     batch["input_mask"],
@@ -40,7 +40,7 @@ def _loss(setup, reduction, batch=None):
     config.loss.mlm_reduction = reduction
   loss_fn = bert_pretrain.make_loss(model, config, tok.mask_id)
   return loss_fn(
-    params, {}, default_batch if batch is None else batch, jax.random.PRNGKey(1), train=False
+    params, {}, default_batch if batch is None else batch, jax.random.key(1), train=False
   )
 
 
@@ -68,7 +68,7 @@ def test_batch_without_any_mask_gives_zero_mlm_and_finite_grads(setup):
   loss_fn = bert_pretrain.make_loss(model, config, tok.mask_id)
 
   def objective(p):
-    terms, _, _ = loss_fn(p, {}, empty, jax.random.PRNGKey(1), train=False)
+    terms, _, _ = loss_fn(p, {}, empty, jax.random.key(1), train=False)
     return sum(losses.safe_div(t, w) for t, w in terms.values())
 
   value, grads = jax.value_and_grad(objective)(params)
@@ -169,7 +169,7 @@ def test_weight_decay_spares_layer_norm_and_biases(setup):
   updates, _ = optimizer.update(zeros, optimizer.init(params), params)
   moved = {
     jax.tree_util.keystr(path): bool(jnp.any(u != 0))
-    for path, u in jax.tree_util.tree_leaves_with_path(updates)
+    for path, u in jax.tree.leaves_with_path(updates)
   }
   spared = [k for k in moved if k.endswith(("['bias']", "['scale']", "['output_bias']"))]
   assert spared and not any(moved[k] for k in spared), [k for k in spared if moved[k]]
@@ -255,7 +255,7 @@ def test_pretraining_continues_from_an_imported_checkpoint(trained_smoke, tmp_pa
     imported.model.size = "base"  # ignored: the checkpoint's sizes win
   tok, _, _ = bert_pretrain.build_data(imported, str(tmp_path / "run"))
   model = bert_pretrain.make_model(imported, tok.vocab_size)
-  start, _ = bert_pretrain.init_fn(model, imported)(jax.random.PRNGKey(0))
+  start, _ = bert_pretrain.init_fn(model, imported)(jax.random.key(0))
   _, trained_params, trained_tok = bert_pretrain._trained_model(config, workdir)
   assert tok.vocab_size == trained_tok.vocab_size and model.config.hidden == 32
   for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(trained_params)):

@@ -6,16 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maskax import cells
+from maskax.rnn import cells
 
 B, F, D = 3, 5, 4
 
 
 def _noisy(tree, key):
   """Random values everywhere, biases included (flax initialises biases to zero)."""
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  leaves, treedef = jax.tree.flatten(tree)
   keys = jax.random.split(key, len(leaves))
-  return jax.tree_util.tree_unflatten(
+  return jax.tree.unflatten(
     treedef, [jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves)]
   )
 
@@ -41,7 +41,7 @@ def test_from_flax_matches_flax_cell(cell):
   want_carry, want_h = flax_cls(D).apply(variables, carry, x)
   got_carry, got_h = cells.cell_step(cell, from_flax(variables), carry, x)
   np.testing.assert_allclose(got_h, want_h, atol=1e-6)
-  for got, want in zip(jax.tree_util.tree_leaves(got_carry), jax.tree_util.tree_leaves(want_carry)):
+  for got, want in zip(jax.tree.leaves(got_carry), jax.tree.leaves(want_carry)):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
@@ -58,10 +58,8 @@ def test_to_flax_computes_the_same_cell(cell):
   np.testing.assert_allclose(got, want, atol=1e-6)
   _, round_trip = cells.cell_step(cell, from_flax(to_flax(params)), carry, x)
   np.testing.assert_allclose(round_trip, want, atol=1e-6)
-  flax_shapes = jax.tree_util.tree_map(
-    jnp.shape, flax_cls(D).init(jax.random.key(0), carry, x)["params"]
-  )
-  assert jax.tree_util.tree_map(jnp.shape, to_flax(params)) == flax_shapes
+  flax_shapes = jax.tree.map(jnp.shape, flax_cls(D).init(jax.random.key(0), carry, x)["params"])
+  assert jax.tree.map(jnp.shape, to_flax(params)) == flax_shapes
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
@@ -74,7 +72,7 @@ def test_backward_matches_autodiff(cell):
   after, acts = cells.FORWARD[cell](gi, gh, carry)
   want = vjp(d_new)
   got = cells.BACKWARD[cell](acts, carry, after, d_new)
-  for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, atol=1e-6)
 
 

@@ -15,7 +15,8 @@ import pytest
 import launch as launcher
 from conftest import launch
 from experiments import char_rnn as exp
-from maskax import losses, runs, sampling, sharding, train
+from maskax.masking import losses, sampling
+from maskax.training import runs, sharding, train
 from maskax.data import chars
 from maskax.models import char_rnn
 

@@ -9,8 +9,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from maskax import checkpoint as ckpt_lib
-from maskax import integrity
+from maskax.training import checkpoint as ckpt_lib
+from maskax.training import integrity
 
 
 def _state(step):
@@ -18,7 +18,7 @@ def _state(step):
   return {
     "w": jnp.asarray(w),
     "b": jnp.full((3,), step, jnp.int32),
-    "key": jax.random.PRNGKey(step),
+    "key": jax.random.key_data(jax.random.key(step)),
   }
 
 

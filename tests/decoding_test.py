@@ -1,4 +1,4 @@
-"""maskax.decoding: greedy and beam search over step functions, corpus BLEU."""
+"""maskax.rnn.decoding: greedy and beam search over step functions, corpus BLEU."""
 
 import functools
 import itertools
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maskax import decoding
+from maskax.rnn import decoding
 from maskax.models import seq2seq
 
 PAD, GO, EOS = 0, 1, 2

@@ -1,4 +1,4 @@
-"""maskax.evaluation: sums over batches and devices, Max, finish, named sets, the loop's wiring."""
+"""maskax.training.evaluation: sums over batches and devices, Max, finish, named sets, the loop's wiring."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from maskax import evaluation, losses, metrics, sharding, train
+from maskax.masking import losses, metrics
+from maskax.training import evaluation, sharding, train
 
 C, N, B = 4, 13, 8  # 13 rows in batches of 8: the last batch holds 3 filler rows
 

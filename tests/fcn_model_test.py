@@ -66,9 +66,7 @@ def test_params_independent_of_image_size(params):
   assert jax.tree.map(jnp.shape, other) == jax.tree.map(jnp.shape, params)
   assert _num_params(other) == _num_params(params)
   # No dense layers: every kernel is a conv kernel [kh, kw, in, out].
-  kernels = [
-    x for path, x in jax.tree_util.tree_leaves_with_path(params) if path[-1].key == "kernel"
-  ]
+  kernels = [x for path, x in jax.tree.leaves_with_path(params) if path[-1].key == "kernel"]
   assert kernels and all(k.ndim == 4 for k in kernels)
 
 

@@ -12,8 +12,9 @@ from PIL import Image
 
 from conftest import launch, resume_to_six
 from experiments import fcn_segmentation as fcn
-from maskax import evaluation, metrics, restore, sharding, train
-from maskax.train_step import make_eval_step
+from maskax.masking import metrics
+from maskax.training import evaluation, restore, sharding, train
+from maskax.training.train_step import make_eval_step
 
 C, B, H, W = 4, 2, 8, 8
 SMOKE = "--config=experiments/fcn_segmentation.py:smoke"
@@ -97,7 +98,7 @@ def test_loss_sampling_at_p1_equals_the_full_loss_exactly(model_and_params, norm
     "image": jnp.asarray(np.random.default_rng(2).uniform(size=(B, H, W, 3)), jnp.float32),
     "label": jnp.asarray(_labels(3)),
   }
-  key = jax.random.PRNGKey(7)  # the loop's key type
+  key = jax.random.key_data(jax.random.key(7))  # the loop's key type
 
   def run(mode, keep_prob):
     spec = fcn.LossSpec(mode=mode, normalization=normalization, keep_prob=keep_prob)

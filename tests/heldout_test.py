@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from maskax import train
+from maskax.training import train
 
 
 class _Captured(Exception):

@@ -63,9 +63,9 @@ def params():
   """Random params with every tensor (LayerNorms and biases included) distinct and non-trivial."""
   ids, segs, mask, positions = map(jnp.asarray, _batch())
   p = bert.Bert(CFG).init(jax.random.key(0), ids, segs, mask, positions, train=False)["params"]
-  leaves, treedef = jax.tree_util.tree_flatten(p)
+  leaves, treedef = jax.tree.flatten(p)
   keys = jax.random.split(jax.random.key(1), len(leaves))
-  return jax.tree_util.tree_unflatten(
+  return jax.tree.unflatten(
     treedef, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
   )
 
@@ -157,8 +157,8 @@ def test_import_from_transformers_with_equal_logits(hidden_act, tmp_path):
 def test_params_round_trip_is_bitwise(params):
   back, config = hf_bert.from_hf(*hf_bert.to_hf(params, CFG))
   assert config == CFG
-  assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
-  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(back)):
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
     assert a.shape == b.shape and np.asarray(a).tobytes() == np.asarray(b).tobytes()
 
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import ROOT, launch
-from maskax import progress
+from maskax.training import progress
 
 SMOKE = "--config=experiments/example_regression.py:smoke"
 
@@ -205,7 +205,7 @@ def test_a_half_finished_sweep_resumes_and_skips_finished_runs(tmp_path):
 
 
 def test_topology_is_pinned_on_resume_unless_allowed(tmp_path):
-  from maskax import runs
+  from maskax.training import runs
 
   workdir = str(tmp_path)
   config = {"train": {"learning_rate": 0.1, "steps": 5}}

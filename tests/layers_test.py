@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from maskax import layers
+from maskax.rnn import layers
 
 B, T, F = 3, 6, 4
 LENGTHS = np.array([6, 3, 1])

@@ -1,4 +1,4 @@
-"""Tests for maskax.losses against float64 references, hand-computed values and bad arguments."""
+"""Tests for maskax.masking.losses against float64 references, hand-computed values and bad arguments."""
 
 import functools
 
@@ -22,7 +22,7 @@ from losses_test import (
   _mlm_make,
   _normal,
 )
-from maskax import losses
+from maskax.masking import losses
 
 
 def np_xent(logits, labels, ls=0.0):

@@ -1,4 +1,4 @@
-"""Tests for maskax.losses: the mask contract for every loss (garbage, empty masks, micro-batches)."""
+"""Tests for maskax.masking.losses: the mask contract for every loss (garbage, empty masks, micro-batches)."""
 
 import dataclasses
 import functools
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from maskax import losses
+from maskax.masking import losses
 
 B, T, V, F, H, W, C = 4, 5, 7, 3, 3, 4, 5
 GARBAGE = (np.nan, np.inf, -np.inf, 1e30)

@@ -1,4 +1,4 @@
-"""Tests for maskax.masks: lengths <-> masks, value masks, feature masks, checks."""
+"""Tests for maskax.masking.masks: lengths <-> masks, value masks, feature masks, checks."""
 
 import functools
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from maskax import masks
+from maskax.masking import masks
 
 T = 6
 LEAD = (2, 3)  # two leading batch dims everywhere

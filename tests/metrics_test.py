@@ -1,4 +1,4 @@
-"""Tests for maskax.metrics: confusion matrix and the four FCN scores against float64 references."""
+"""Tests for maskax.masking.metrics: confusion matrix and the four FCN scores against float64 references."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from maskax import metrics
+from maskax.masking import metrics
 from maskax.data import segmentation
 
 

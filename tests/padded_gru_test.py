@@ -11,7 +11,7 @@ import pytest
 
 from conftest import launch, resume_to_six
 from experiments import padded_gru as pg
-from maskax import masks
+from maskax.masking import masks
 from maskax.data import synthetic
 from maskax.models import padded_gru
 

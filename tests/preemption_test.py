@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from conftest import SMOKE20, launch, read_losses, spawn
-from maskax import preemption, progress, train
+from maskax.training import preemption, progress, train
 from maskax.data import iterators
 
 SLOW = "--config.debug.step_delay_s=0.3"

@@ -11,7 +11,7 @@ from jax import monitoring
 from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
 
-from maskax import progress
+from maskax.training import progress
 
 
 def read_events(path):

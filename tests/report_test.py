@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from maskax import report, sweep
+from maskax.ablation import report, sweep
 
 # eval/mse per seed 0, 1, 2: hidden=16 is the baseline's value plus 1, 2, 0.
 MSE = {8: [1.0, 2.0, 3.0], 16: [2.0, 4.0, 3.0]}
@@ -93,7 +93,7 @@ def test_report_cli_on_a_folder_with_nothing_to_report_fails_in_one_line(tmp_pat
     (target / "notes.txt").write_text("hello")
     (target / "sub").mkdir()
   proc = subprocess.run(
-    [sys.executable, "-m", "maskax.report", str(target)],
+    [sys.executable, "-m", "maskax.ablation.report", str(target)],
     capture_output=True,
     text=True,
     timeout=120,

@@ -11,8 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from maskax import checkpoint as ckpt_lib
-from maskax import restore, runs, train
+from maskax.training import checkpoint as ckpt_lib
+from maskax.training import restore, runs, train
 from maskax.data import iterators
 
 

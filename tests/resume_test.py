@@ -8,8 +8,8 @@ import time
 import pytest
 
 from conftest import SMOKE20, launch, read_losses, spawn
-from maskax import checkpoint as ckpt_lib
-from maskax import progress, runs
+from maskax.training import checkpoint as ckpt_lib
+from maskax.training import progress, runs
 
 SMOKE = "--config=experiments/example_regression.py:smoke"
 

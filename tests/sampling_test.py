@@ -11,7 +11,7 @@ import optax
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from maskax import sampling
+from maskax.masking import sampling
 
 V, D = 8, 6
 PROMPT = np.array([[3, 1, 4, 1, 5], [2, 7, 0, 0, 0], [6, 5, 3, 0, 0]], np.int32)

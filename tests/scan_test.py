@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from maskax import cells, scan
+from maskax.rnn import cells, scan
 
 B, T, F, D = 4, 6, 3, 5
 LENGTHS = np.array([6, 0, 3, 5], np.int32)
@@ -27,9 +27,9 @@ COMBOS = [
 
 
 def _noisy(tree, key, scale=0.5):
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  leaves, treedef = jax.tree.flatten(tree)
   keys = jax.random.split(key, len(leaves))
-  return jax.tree_util.tree_unflatten(
+  return jax.tree.unflatten(
     treedef, [scale * jax.random.normal(k, a.shape) for k, a in zip(keys, leaves)]
   )
 
@@ -49,7 +49,7 @@ def _x(seed=3, shape=(B, T, F)):
 
 
 def _leaves_equal(a, b, **tol):
-  for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     if tol:
       np.testing.assert_allclose(u, v, **tol)
     else:
@@ -60,7 +60,7 @@ def reference(cell, params, x, valid, carry0, *, reverse, output_policy):
   """Each row run alone over its valid steps only, one `cell_step` at a time."""
   outputs, finals = np.zeros((*x.shape[:-1], D), np.float32), []
   for b in range(x.shape[0]):
-    carry = jax.tree_util.tree_map(lambda c, b=b: c[b : b + 1], carry0)
+    carry = jax.tree.map(lambda c, b=b: c[b : b + 1], carry0)
     for t in range(T - 1, -1, -1) if reverse else range(T):
       if valid[b, t]:
         carry, h = cells.cell_step(cell, params, carry, x[b : b + 1, t])
@@ -68,7 +68,7 @@ def reference(cell, params, x, valid, carry0, *, reverse, output_policy):
       elif output_policy == "carry_forward":
         outputs[b, t] = cells.hidden_state(cell, carry)[0]
     finals.append(carry)
-  return outputs, jax.tree_util.tree_map(lambda *c: jnp.concatenate(c), *finals)
+  return outputs, jax.tree.map(lambda *c: jnp.concatenate(c), *finals)
 
 
 @settings(max_examples=20, deadline=None)
@@ -96,7 +96,7 @@ def loss_and_grads(params, x, lengths, mask, carry0, weights, **options):
   def loss(params, x, carry0):
     y, final = scan.padded_scan(params, x, lengths, mask=mask, initial_carry=carry0, **options)
     total = jnp.sum(y * weights)
-    for c in jax.tree_util.tree_leaves(final):
+    for c in jax.tree.leaves(final):
       total = total + jnp.sum(jnp.sin(c))
     return total, (y, final)
 
@@ -171,8 +171,8 @@ def test_length_zero_keeps_initial_carry(params, cell, reverse, policy, skip):
   y, final = SCAN(params[cell], _x(), LENGTHS, initial_carry=carry0, **options)
   assert LENGTHS[1] == 0
   _leaves_equal(
-    jax.tree_util.tree_map(lambda c: c[1], final),
-    jax.tree_util.tree_map(lambda c: c[1], carry0),
+    jax.tree.map(lambda c: c[1], final),
+    jax.tree.map(lambda c: c[1], carry0),
   )
   h0 = cells.hidden_state(cell, carry0)[1]
   want = np.zeros((T, D)) if policy == "zero" else np.broadcast_to(h0, (T, D))
@@ -279,7 +279,7 @@ def test_leading_batch_dims(params, skip):
   y, final = SCAN(
     params["lstm"], x, lengths, mask=mask, initial_carry=carry0, cell="lstm", skip_padding=skip
   )
-  flat = jax.tree_util.tree_map(lambda c: c.reshape(B, D), carry0)
+  flat = jax.tree.map(lambda c: c.reshape(B, D), carry0)
   want_y, want_c = SCAN(
     params["lstm"],
     x.reshape(B, T, F),
@@ -291,7 +291,7 @@ def test_leading_batch_dims(params, skip):
   )
   assert y.shape == (2, 2, T, D) and final[0].shape == (2, 2, D)
   _leaves_equal(
-    (y.reshape(B, T, D), jax.tree_util.tree_map(lambda c: c.reshape(B, D), final)),
+    (y.reshape(B, T, D), jax.tree.map(lambda c: c.reshape(B, D), final)),
     (want_y, want_c),
     atol=1e-6,
   )
@@ -306,18 +306,6 @@ def test_jit_equals_eager(params, skip):
   )
   jitted = SCAN(params["lstm"], _x(), LENGTHS, mask=MASK, initial_carry=carry0, **options)
   _leaves_equal(jitted, eager, atol=1e-6)
-
-
-def test_bucketing():
-  assert scan.bucket_boundaries(100, 4) == (25, 50, 75, 100)
-  assert scan.bucket_boundaries(100, 3, multiple_of=8) == (40, 72, 100)
-  assert scan.bucket_boundaries(5, 8) == (1, 2, 3, 4, 5)
-  bounds = (25, 50, 75, 100)
-  assert scan.bucket_for(0, bounds) == 25 and scan.bucket_for(25, bounds) == 25
-  assert scan.bucket_for(26, bounds) == 50
-  np.testing.assert_array_equal(scan.bucket_for(np.array([1, 60, 100]), bounds), [25, 75, 100])
-  with pytest.raises(ValueError, match="exceeds the largest bucket"):
-    scan.bucket_for(101, bounds)
 
 
 def test_bad_inputs_raise(params):
@@ -341,7 +329,7 @@ def test_bad_inputs_raise(params):
 def test_padded_rnn_module(params):
   module = scan.PaddedRNN(cell="gru", hidden=D, reverse=True, output_policy="carry_forward")
   variables = module.init(jax.random.key(0), _x(), LENGTHS)
-  assert jax.tree_util.tree_map(jnp.shape, variables["params"]["cell"]) == jax.tree_util.tree_map(
+  assert jax.tree.map(jnp.shape, variables["params"]["cell"]) == jax.tree.map(
     jnp.shape, params["gru"]
   )
   carry, y = module.apply(variables, _x(), LENGTHS, mask=MASK, return_carry=True)

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import launch, resume_to_six
 from experiments import seq2seq as exp
-from maskax import losses
+from maskax.masking import losses
 from maskax.data import translation
 from maskax.models import seq2seq
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from maskax import stats
+from maskax.ablation import stats
 
 
 # t_{0.975, df} from any t table (scipy.stats.t.ppf(0.975, df) gives the same digits).

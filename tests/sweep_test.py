@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from maskax import sweep
+from maskax.ablation import sweep
 
 CONFIG = {
   "seed": 0,

@@ -6,8 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from maskax import losses, masks, sharding, train
-from maskax.train_step import make_train_step
+from maskax.masking import losses, masks
+from maskax.training import sharding, train
+from maskax.training.train_step import make_train_step
 
 T, F, D = 8, 4, 16
 
@@ -52,7 +53,7 @@ def _one_step(mode, devices, batch, accum=1):
       key=k,
     ),
     out_shardings=sharding.replicated(mesh),
-  )(jax.random.PRNGKey(0))
+  )(jax.random.key(0))
   step = make_train_step(task, options, mesh)
   new_state, out = step(state, sharding.shard_batch(batch, mesh))
   return jax.device_get(new_state.params), jax.device_get(out)
@@ -74,7 +75,7 @@ def test_sharded_token_mean_is_the_global_token_mean():
   _, out = _one_step("token_mean", jax.devices(), batch)
   total, weight = out["sums"]["mse"]
   assert weight == np.sum(batch["lengths"])  # not a mean of per-device means
-  params, _ = _init(jax.random.PRNGKey(0))
+  params, _ = _init(jax.random.key(0))
   x = np.nan_to_num(batch["x"].astype(np.float64))
   pred = np.tanh(x @ np.float64(params["w1"])) @ np.float64(params["w2"])
   valid = np.arange(T)[None] < batch["lengths"][:, None]
@@ -96,7 +97,7 @@ def test_nonfinite_batch_leaves_state_bitwise_unchanged():
   batch = _batch()
   batch["x"][0, 0, 0] = np.inf  # a valid position: the loss really is non-finite
   mesh = sharding.make_mesh()
-  params, _ = _init(jax.random.PRNGKey(0))
+  params, _ = _init(jax.random.key(0))
   task = train.Task(
     init=_init, loss=_loss_fn("token_mean"), optimizer=optax.adam(1e-2), train_data=iter(())
   )
@@ -105,7 +106,7 @@ def test_nonfinite_batch_leaves_state_bitwise_unchanged():
     params=params,
     opt_state=task.optimizer.init(params),
     model_state={},
-    key=jax.random.PRNGKey(1),
+    key=jax.random.key(1),
   )
   before = jax.device_get(state)
   step = make_train_step(task, train.LoopOptions(steps=1), mesh)
@@ -136,7 +137,7 @@ def test_nonfinite_batch_leaves_state_bitwise_unchanged():
 )
 def test_nonfinite_update_is_skipped_although_loss_and_grads_are_finite(optimizer):
   mesh = sharding.make_mesh()
-  params, _ = _init(jax.random.PRNGKey(0))
+  params, _ = _init(jax.random.key(0))
   task = train.Task(
     init=_init, loss=_loss_fn("token_mean"), optimizer=optimizer, train_data=iter(())
   )
@@ -145,7 +146,7 @@ def test_nonfinite_update_is_skipped_although_loss_and_grads_are_finite(optimize
     params=params,
     opt_state=optimizer.init(params),
     model_state={},
-    key=jax.random.PRNGKey(1),
+    key=jax.random.key(1),
   )
   before = jax.device_get(state)
   step = make_train_step(task, train.LoopOptions(steps=1), mesh)
@@ -153,7 +154,7 @@ def test_nonfinite_update_is_skipped_although_loss_and_grads_are_finite(optimize
     jax.device_put(state, sharding.replicated(mesh)), sharding.shard_batch(_batch(), mesh)
   )
   after = jax.device_get(after)
-  ((total, _),) = task.loss(params, {}, _batch(), jax.random.PRNGKey(2), train=True)[0].values()
+  ((total, _),) = task.loss(params, {}, _batch(), jax.random.key(2), train=True)[0].values()
   assert np.isfinite(total)  # only the update is bad
   assert not out["finite"]
   for a, b in zip(

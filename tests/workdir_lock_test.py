@@ -10,13 +10,13 @@ import time
 import pytest
 
 from conftest import launch, spawn
-from maskax import workdir_lock
+from maskax.training import workdir_lock
 
 # A separate process holds the lock (flock is per open file, so a second open in this process
 # would conflict too, but a real holder is what users meet).
 _HOLD = """
 import sys, time
-from maskax import workdir_lock
+from maskax.training import workdir_lock
 lock = workdir_lock.WorkdirLock(sys.argv[1])
 lock.acquire()
 print("held", flush=True)

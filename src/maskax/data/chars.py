@@ -57,7 +57,7 @@ class CharVocab:
     return "".join(table[i] if 0 <= i < len(table) else UNKNOWN_CHAR for i in ids.tolist())
 
   def banned(self) -> np.ndarray:
-    """bool[V], True at UNKNOWN: the mask `maskax.sampling` takes so it is never generated."""
+    """bool[V], True at UNKNOWN: the mask `maskax.masking.sampling` takes so it is never generated."""
     return np.arange(self.size) == UNKNOWN
 
   def to_json(self) -> str:

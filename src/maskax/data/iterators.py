@@ -3,11 +3,12 @@
 Both iterators derive batch `i` from `(seed, i)` alone, so `get_state()` is just the position and
 a resumed run draws bitwise the same batches as an uninterrupted one. Each yields the
 *process-local* rows of the global batch (`batch_size // process_count` rows); the training loop
-assembles the global array with `maskax.sharding.shard_batch`.
+assembles the global array with `maskax.training.sharding.shard_batch`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping
 
 import numpy as np
@@ -137,3 +138,29 @@ def fixed_batches(
     batch["valid"] = valid[process_index * local : (process_index + 1) * local]
     batches.append(batch)
   return batches
+
+
+def bucket_boundaries(max_length: int, num_buckets: int, *, multiple_of: int = 1) -> tuple:
+  """Evenly spaced padded lengths, each rounded up to `multiple_of`, the last one max_length."""
+  if max_length < 1 or num_buckets < 1 or multiple_of < 1:
+    raise ValueError(
+      "need max_length, num_buckets, multiple_of >= 1, got "
+      f"{max_length}, {num_buckets}, {multiple_of}"
+    )
+  edges = {
+    min(max_length, -(-math.ceil(max_length * k / num_buckets) // multiple_of) * multiple_of)
+    for k in range(1, num_buckets + 1)
+  }
+  return tuple(sorted(edges))
+
+
+def bucket_for(length, boundaries):
+  """Smallest boundary >= length: the padded size for a sequence (or a batch's max length).
+
+  length: int or int array (host side, before batching); returns the same shape.
+  """
+  length = np.asarray(length)
+  if length.size and int(length.max()) > boundaries[-1]:
+    raise ValueError(f"length {int(length.max())} exceeds the largest bucket {boundaries[-1]}")
+  size = np.asarray(boundaries)[np.searchsorted(boundaries, length, side="left")]
+  return int(size) if size.ndim == 0 else size

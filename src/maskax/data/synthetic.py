@@ -37,7 +37,7 @@ def drift_recall_sequences(
   length it repeats the class of the last valid step (the answer for the sequence).
   With probability `blackout_prob` a sequence holds a blackout: 1..blackout_max consecutive
   *real* all-zero steps, ending the sequence with probability `trailing_share`, else inside it.
-  That is exactly where Keras' `Masking(0.)` rule (maskax.masks.mask_from_value) goes wrong.
+  That is exactly where Keras' `Masking(0.)` rule (maskax.masking.masks.mask_from_value) goes wrong.
 
   Returns x f32[n, max_length, F] (0 at and after the length), labels i32[n, max_length],
   lengths i32[n] in [min_length, max_length], sign i32[n] (+-1), blackout_start i32[n] and

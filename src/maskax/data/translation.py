@@ -28,11 +28,9 @@ import os
 
 import numpy as np
 
-from maskax import scan
 from maskax.data import iterators
+from maskax.masking.tokens import EOS, GO, PAD, SPECIALS, UNK
 
-PAD, GO, EOS, UNK = 0, 1, 2, 3
-SPECIALS = ("<pad>", "<go>", "<eos>", "<unk>")
 STYLES = ("british", "american", "digits", "mixed")
 
 _ONES = (
@@ -304,7 +302,7 @@ def bucket_batches(arrays, batch_size: int, boundaries) -> list[dict]:
       f"the largest bucket {boundaries[-1]} must equal the padded source length "
       f"{arrays['source'].shape[1]}"
     )
-  sizes = scan.bucket_for(arrays["source_len"], boundaries)
+  sizes = iterators.bucket_for(arrays["source_len"], boundaries)
   batches = []
   for size in boundaries:
     rows = np.flatnonzero(sizes == size)

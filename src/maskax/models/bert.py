@@ -257,7 +257,7 @@ _NO_DECAY = ("bias", "scale", "output_bias")
 def weight_decay_mask(params) -> Any:
   """Pytree of bools like `params`: True where AdamW applies weight decay (for optax's
   `adamw(..., mask=weight_decay_mask)`)."""
-  return jax.tree_util.tree_map_with_path(
+  return jax.tree.map_with_path(
     lambda path, _: getattr(path[-1], "key", None) not in _NO_DECAY, params
   )
 

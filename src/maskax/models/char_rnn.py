@@ -2,7 +2,7 @@
 
 The recurrence does not depend on the number of steps, so a model trained on windows of 100
 characters runs on a prompt of any length; only batching needs equal lengths, and a padded
-batch (lengths per row, carry frozen past each length, `maskax.scan.padded_scan`) removes even
+batch (lengths per row, carry frozen past each length, `maskax.rnn.scan.padded_scan`) removes even
 that. What gives context beyond one window is the carry: `stream_xent` measures held-out loss
 with the carry reset at every window and carried across the whole text, and `generate` samples
 from the carry a prompt leaves behind.
@@ -16,8 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from maskax import cells, losses, sampling
-from maskax.scan import StackedRNN
+from maskax.masking import losses, sampling
+from maskax.rnn import cells
+from maskax.rnn.scan import StackedRNN
 
 
 class CharRNN(nn.Module):
@@ -60,7 +61,7 @@ def reset_carry(carry, reset):
 
 def make_apply_fn(model: CharRNN):
   """`apply_fn(params, tokens i32[B, T], lengths i32[B], carry) -> (logits f32[B, T, V], carry)`,
-  the contract of `maskax.sampling.generate`."""
+  the contract of `maskax.masking.sampling.generate`."""
 
   def apply_fn(params, tokens, lengths, carry):
     return model.apply({"params": params}, tokens, lengths, initial_carry=carry)
@@ -89,7 +90,7 @@ def generate(
 
   prompt: i32[B, T] right-padded; lengths: i32[B] in [1, T]; keys: key[B] (`row_keys`);
   carry: list per layer of f32[B, D] or None (zeros); banned: bool[V] (the unknown id).
-  Returns (tokens i32[B, steps], carry), the carry as in `maskax.sampling.generate` (it has not
+  Returns (tokens i32[B, steps], carry), the carry as in `maskax.masking.sampling.generate` (it has not
   consumed the last token). With one key per row, a prompt with a given key gives the same text
   alone or in any ragged batch; a shared [B, V] draw would tie each row's noise to its batch.
   Jit with `steps` and `top_k` static; the sampling loop inside is one `lax.scan`.

@@ -145,7 +145,7 @@ def to_hf(params, config: bert.BertConfig) -> tuple[dict, dict[str, np.ndarray]]
   params = params["params"] if set(params) == {"params"} else params  # `Bert.init`'s variables
   flat = {
     tuple(getattr(p, "key", p) for p in path): x
-    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+    for path, x in jax.tree.flatten_with_path(params)[0]
   }
   state = {}
   for path, name, layout, shape in _entries(config):

@@ -13,8 +13,8 @@ import dataclasses
 
 import flax.linen as nn
 
-from maskax import layers
-from maskax.scan import PaddedRNN
+from maskax.rnn import layers
+from maskax.rnn.scan import PaddedRNN
 
 
 @dataclasses.dataclass(frozen=True)

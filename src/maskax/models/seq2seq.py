@@ -3,7 +3,7 @@
 The *cell size* H is the size of the state vector h (and of c for an LSTM): it fixes every
 recurrent matrix and is independent of the input size, which only sets the rows of the input
 kernel. The embedding matrix [V, E] turns a token id into the E-wide input vector (row lookup).
-Letters: H is the cell size (the D of `maskax.cells`; the tutorial's name), E the embedding
+Letters: H is the cell size (the D of `maskax.rnn.cells`; the tutorial's name), E the embedding
 size, S source and T target steps, G = 3 gates (GRU) or 4 (LSTM), M = H (2H with a
 bidirectional encoder) the width attention reads, l = 0 .. L-1 the layer:
 
@@ -17,7 +17,7 @@ bidirectional encoder) the width attention reads, l = 0 .. L-1 the layer:
   output_w           f32[V_t, H] (one row per class, as sampled softmax wants), output_b f32[V_t]
 
 `w_i` stacked on `w_h` is TF's fused gate kernel: [E + H, 3H] for a GRU layer on embeddings
-(maskax.cells keeps two biases, as flax and PyTorch do). The decoder starts from the encoder's
+(maskax.rnn.cells keeps two biases, as flax and PyTorch do). The decoder starts from the encoder's
 final carry, layer by layer (a bidirectional encoder hands over carry_fwd + carry_bwd, so the
 decoder keeps size H). Luong attention (Luong et al. 2015, no input feeding) attends from the
 decoder's output h_t, so the decoder itself is one padded scan; Bahdanau attention (Bahdanau
@@ -35,8 +35,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from maskax import cells, decoding, losses, masks, sampling, scan
-from maskax.data.translation import EOS, GO, PAD
+from maskax.masking import losses, masks, sampling
+from maskax.rnn import cells, decoding, scan
+from maskax.masking.tokens import EOS, GO, PAD
 
 ATTENTIONS = ("none", "luong", "bahdanau")
 SOFTMAXES = ("full", "sampled")

@@ -20,8 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from maskax import losses, masks
-from maskax.scan import PaddedRNN
+from maskax.masking import losses, masks
+from maskax.rnn.scan import PaddedRNN
 
 STRATEGIES = ("indicator", "zero_fill", "forward_fill", "mean_fill")
 

@@ -21,9 +21,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from maskax import checkpoint as ckpt_lib
-from maskax import integrity
-from maskax import runs
+from maskax.training import checkpoint as ckpt_lib
+from maskax.training import integrity
+from maskax.training import runs
 
 # The parts of the train state a model needs at inference (`train.TrainState` field names).
 PARTS = ("params", "model_state")

@@ -2,11 +2,11 @@
 
 Words used throughout: a *cell* is one point of the grid (a value for every swept key, the seed
 excluded); a *run* is one cell trained at one seed, in its own sub-workdir. Results are
-aggregated per cell over its runs (`maskax.report`).
+aggregated per cell over its runs (`maskax.ablation.report`).
 
 Files in a sweep's workdir:
   sweep.json            the grid (axes, seeds, runs and their folders, baseline cell, metrics):
-                        what `python -m maskax.report DIR` rebuilds the results from.
+                        what `python -m maskax.ablation.report DIR` rebuilds the results from.
   CELL,seed=S/          one run's workdir, e.g. `loss.keep_prob=0.5,seed=1`.
   CELL,seed=S/final.json  written when the run returns: its final metrics, config, last
                         checkpoint step and duration. A run is *finished* when final.json holds

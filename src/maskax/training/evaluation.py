@@ -5,7 +5,7 @@ An experiment gives a function `sums(state, batch) -> {name: value}` over the *g
 already a sum over devices and processes); the `Evaluator` adds the values over batches and
 turns them into floats once, on the host. A value is one of
   (total, weight)  scalars: reported as total / weight (0 when the weight is 0), the masked-loss
-                   contract of `maskax.losses`;
+                   contract of `maskax.masking.losses`;
   Max(x)           reduced with the maximum instead of the sum (a worst case, e.g. the largest
                    change of a prediction); a scalar is reported as is;
   any other array  summed, then read by `finish` (a confusion matrix i32[C, C] -> mean IoU,
@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maskax import sharding as sharding_lib
+from maskax.training import sharding as sharding_lib
 from maskax.data import iterators
-from maskax.losses import safe_div
+from maskax.masking.losses import safe_div
 
 Sums = Mapping[str, Any]
 Batches = Iterable[Mapping[str, np.ndarray]]

@@ -1,11 +1,11 @@
 """A sweep's results over seeds (results.md, results.csv, results.png), or one run's curves.
 
-  python -m maskax.report DIR   # DIR: a sweep's workdir (sweep.json) or a run's (metrics.jsonl)
+  python -m maskax.ablation.report DIR   # DIR: a sweep's workdir (sweep.json) or a run's (metrics.jsonl)
 
 For a sweep, every reported metric of every cell gets its mean, standard deviation, n and a 95%
 Student t interval over seeds, and its difference to the baseline cell paired by seed, with its
-own interval (`maskax.stats`). The tables are rebuilt from files alone: sweep.json (the grid,
-`maskax.sweep`) and each run's final.json, so they can be redrawn while a sweep is still
+own interval (`maskax.ablation.stats`). The tables are rebuilt from files alone: sweep.json (the grid,
+`maskax.ablation.sweep`) and each run's final.json, so they can be redrawn while a sweep is still
 running (unfinished runs are listed, not counted). The plot shows each cell's mean curve with a
 band of one standard deviation over seeds: the spread a reader sees; the tables carry the
 intervals, which at 3 seeds are 2.5 times wider and would drown the figure.
@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers or CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from maskax import stats, sweep  # noqa: E402
+from maskax.ablation import stats, sweep  # noqa: E402
 
 CONFIDENCE = 0.95
 CSV_COLUMNS = (
@@ -270,7 +270,7 @@ def plot(
 
 def write_sweep_report(workdir: str) -> tuple[str, str, str]:
   """results.md, results.csv and results.png in the sweep's `workdir`; returns their paths."""
-  from maskax import progress  # JAX comes with it: only once there is something to read
+  from maskax.training import progress  # JAX comes with it: only once there is something to read
 
   manifest, finals = load_sweep(workdir)
   if not any(f is not None for f in finals.values()):
@@ -297,7 +297,7 @@ def write_sweep_report(workdir: str) -> tuple[str, str, str]:
 
 def write_run_report(workdir: str) -> str:
   """One run's curves (every eval metric and the loss) as `workdir/results.png`."""
-  from maskax import progress
+  from maskax.training import progress
 
   records = progress.read_metrics(workdir)
   return plot(
@@ -309,7 +309,9 @@ def write_run_report(workdir: str) -> str:
 
 def main(argv: Sequence[str]) -> int:
   if len(argv) != 1:
-    print("usage: python -m maskax.report DIR  (a sweep's or a run's workdir)", file=sys.stderr)
+    print(
+      "usage: python -m maskax.ablation.report DIR  (a sweep's or a run's workdir)", file=sys.stderr
+    )
     return 2
   workdir = argv[0]
   try:

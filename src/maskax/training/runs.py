@@ -87,7 +87,9 @@ def read_run_record(workdir: str) -> dict[str, Any]:
 
 def checkpoint_run_record(workdir: str) -> tuple[dict[str, Any], int] | None:
   """The run record saved in the newest checkpoint that has a verified one, and its step."""
-  from maskax import checkpoint as ckpt_lib  # orbax: only when there is a checkpoint to read
+  from maskax.training import (
+    checkpoint as ckpt_lib,
+  )  # orbax: only when there is a checkpoint to read
 
   checkpointer = ckpt_lib.Checkpointer(
     os.path.join(workdir, "checkpoints"), every=1, keep=1, reader=True

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maskax import cells, skip_scan
-from maskax.cells import (  # noqa: F401  (re-exported: the scan API in one place)
+from maskax.rnn import cells, skip_scan
+from maskax.rnn.cells import (  # noqa: F401  (re-exported: the scan API in one place)
   gru_from_flax,
   gru_to_flax,
   init_gru,
@@ -75,9 +75,9 @@ def _check(params, x, lengths, mask, initial_carry, cell, output_policy):
     )
   if initial_carry is not None:
     want = jax.eval_shape(lambda: cells.zero_carry(cell, batch_shape, hidden))
-    got = jax.tree_util.tree_map(jnp.shape, initial_carry)
-    if jax.tree_util.tree_structure(initial_carry) != jax.tree_util.tree_structure(want) or (
-      got != jax.tree_util.tree_map(jnp.shape, want)
+    got = jax.tree.map(jnp.shape, initial_carry)
+    if jax.tree.structure(initial_carry) != jax.tree.structure(want) or (
+      got != jax.tree.map(jnp.shape, want)
     ):
       raise ValueError(
         f"initial_carry must look like zero_carry({cell!r}, {batch_shape}, {hidden}) "
@@ -153,7 +153,7 @@ def padded_scan(
   hidden, batch = params["w_h"].shape[0], math.prod(batch_shape)
   if initial_carry is None:
     initial_carry = cells.zero_carry(cell, batch_shape, hidden)
-  carry0 = jax.tree_util.tree_map(lambda c: c.reshape(batch, hidden), initial_carry)
+  carry0 = jax.tree.map(lambda c: c.reshape(batch, hidden), initial_carry)
   valid_BT = step_validity(steps, lengths, mask, batch_shape).reshape(batch, steps)
   x_BTF = x.reshape(batch, steps, features)
   if skip_padding:
@@ -170,7 +170,7 @@ def padded_scan(
   if output_policy == "zero":
     h_BTD = jnp.where(valid_BT[..., None], h_BTD, 0.0)
   outputs = h_BTD.reshape(*batch_shape, steps, hidden)
-  return outputs, jax.tree_util.tree_map(lambda c: c.reshape(*batch_shape, hidden), final)
+  return outputs, jax.tree.map(lambda c: c.reshape(*batch_shape, hidden), final)
 
 
 def bidirectional_scan(
@@ -251,32 +251,6 @@ def stacked_scan(
       x, carry = padded_scan(layer, x, initial_carry=carry, **options)
     carries.append(carry)
   return x, carries
-
-
-def bucket_boundaries(max_length: int, num_buckets: int, *, multiple_of: int = 1) -> tuple:
-  """Evenly spaced padded lengths, each rounded up to `multiple_of`, the last one max_length."""
-  if max_length < 1 or num_buckets < 1 or multiple_of < 1:
-    raise ValueError(
-      "need max_length, num_buckets, multiple_of >= 1, got "
-      f"{max_length}, {num_buckets}, {multiple_of}"
-    )
-  edges = {
-    min(max_length, -(-math.ceil(max_length * k / num_buckets) // multiple_of) * multiple_of)
-    for k in range(1, num_buckets + 1)
-  }
-  return tuple(sorted(edges))
-
-
-def bucket_for(length, boundaries):
-  """Smallest boundary >= length: the padded size for a sequence (or a batch's max length).
-
-  length: int or int array (host side, before batching); returns the same shape.
-  """
-  length = np.asarray(length)
-  if length.size and int(length.max()) > boundaries[-1]:
-    raise ValueError(f"length {int(length.max())} exceeds the largest bucket {boundaries[-1]}")
-  size = np.asarray(boundaries)[np.searchsorted(boundaries, length, side="left")]
-  return int(size) if size.ndim == 0 else size
 
 
 def _init_fn(cell, input_size, hidden):

@@ -54,7 +54,7 @@ def json_digest(value: Any) -> str:
 
 def host_leaves(tree: Any) -> dict[str, np.ndarray]:
   """`{'params/Dense_0/kernel': array, ...}`: every array leaf of a pytree, copied to the host."""
-  pairs = jax.tree_util.tree_leaves_with_path(tree)
+  pairs = jax.tree.leaves_with_path(tree)
   host = jax.device_get([_fetchable(x) for _, x in pairs])  # one batched transfer
   return {
     jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(x)

@@ -216,7 +216,7 @@ def add_bias(y, b):
 
 def keep_valid(valid_B, new, old):
   """new where valid_B[b] else old, per row b of every leaf of a carry (frozen carry)."""
-  return jax.tree_util.tree_map(lambda n, o: jnp.where(valid_B[:, None], n, o), new, old)
+  return jax.tree.map(lambda n, o: jnp.where(valid_B[:, None], n, o), new, old)
 
 
 def recur_autodiff(cell: str, w_h, b_h, gi_TBG, valid_TB, carry0, *, reverse: bool):

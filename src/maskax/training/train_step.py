@@ -9,7 +9,7 @@ replicated and donated and the batch split over the `data` axis. `out` holds
           so a log interval reports sum(total) / sum(weight).
 With `stop_vote=True` the step also takes `stop_flags` (`sharding.process_flag`, bool[D]) and
 `out["stop"]` is their OR over every process: riding on the step's own collectives, the
-preemption vote costs no extra dispatch or host sync (see `maskax.preemption`).
+preemption vote costs no extra dispatch or host sync (see `maskax.training.preemption`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from maskax import evaluation
-from maskax import sharding as sharding_lib
-from maskax.losses import safe_div
+from maskax.training import evaluation
+from maskax.training import sharding as sharding_lib
+from maskax.masking.losses import safe_div
 
 # Evaluation draws its dropout/sampling key from a fixed fold of the state key.
 _EVAL_FOLD = 0x7FFFFFFF

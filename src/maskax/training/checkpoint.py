@@ -5,7 +5,7 @@ One checkpoint (a numbered folder under `workdir/checkpoints`) holds four items:
   data       the training iterator's `get_state()` (JSON), so the next batch after a resume is
              the batch the interrupted run would have drawn;
   loop       JSON bookkeeping of the loop (elapsed training seconds, non-finite steps seen);
-  integrity  CRC-32 of every array and of the two JSON items (`maskax.integrity`).
+  integrity  CRC-32 of every array and of the two JSON items (`maskax.training.integrity`).
 Every process calls `save` and `restore`; orbax writes the shards of all processes into the one
 folder (the JSON items are written by process 0). Saves are asynchronous: a folder appears under
 its step number only once every file is committed, so a save killed half-way leaves only a tmp
@@ -38,7 +38,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from maskax import integrity
+from maskax.training import integrity
 
 ITEMS = ("state", "data", "loop", "integrity")
 # Restore attempts on a read error before the run stops, and the pause before each retry:

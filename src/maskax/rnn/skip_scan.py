@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from maskax.cells import BACKWARD, FORWARD, add_bias, hidden_state, keep_valid
+from maskax.rnn.cells import BACKWARD, FORWARD, add_bias, hidden_state, keep_valid
 
 
 def _segments(lengths_B, chunk: int, reverse: bool):
@@ -34,12 +34,12 @@ def _segments(lengths_B, chunk: int, reverse: bool):
 
 def _at(tree, t, rows):
   """Rows [:rows] of step t of every [B, T, ...] leaf."""
-  return jax.tree_util.tree_map(lambda a: lax.dynamic_index_in_dim(a[:rows], t, 1, False), tree)
+  return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a[:rows], t, 1, False), tree)
 
 
 def _put(tree, t, values):
   """Writes values into rows [:R] of step t of every [B, T, ...] leaf (in place in a loop)."""
-  return jax.tree_util.tree_map(
+  return jax.tree.map(
     lambda a, v: lax.dynamic_update_slice(a, v[:, None], (0, t) + (0,) * (a.ndim - 2)),
     tree,
     values,
@@ -47,13 +47,11 @@ def _put(tree, t, values):
 
 
 def _rows(tree, stop):
-  return jax.tree_util.tree_map(lambda a: a[:stop], tree)
+  return jax.tree.map(lambda a: a[:stop], tree)
 
 
 def _put_rows(tree, values):
-  return jax.tree_util.tree_map(
-    lambda a, v: lax.dynamic_update_slice(a, v, (0,) * a.ndim), tree, values
-  )
+  return jax.tree.map(lambda a, v: lax.dynamic_update_slice(a, v, (0,) * a.ndim), tree, values)
 
 
 def _loop(segment, reverse, body, state):
@@ -96,7 +94,7 @@ def _skip_fwd(cell, chunk, reverse, params, x_BTF, valid_BT, carry0, lengths_B, 
     return head, _put(hist, t, head), _put(acts_BTA, t, acts)
 
   acts_width = 4 * hidden  # both cells save 4 vectors per row and step
-  hist = jax.tree_util.tree_map(lambda c: jnp.zeros((batch, steps, hidden), c.dtype), carry0)
+  hist = jax.tree.map(lambda c: jnp.zeros((batch, steps, hidden), c.dtype), carry0)
   state = (carry0, hist, jnp.zeros((batch, steps, acts_width), x_BTF.dtype))
   for segment in _segments(lengths_B, chunk, reverse):
     state = _loop(segment, reverse, body, state)
@@ -130,7 +128,7 @@ def _skip_bwd(cell, chunk, reverse, residuals, cotangents):
     head = keep_valid(has_before, earlier, _rows(carry0, rows))
     x, valid = _safe_x(x_BTF, valid_BT, t, order_B, rows)
     d_head = add_to_h(d_carry, _gather(d_h_BTD, t, order_B[:rows]))
-    d_new = jax.tree_util.tree_map(lambda d: jnp.where(valid[:, None], d, 0.0), d_head)
+    d_new = jax.tree.map(lambda d: jnp.where(valid[:, None], d, 0.0), d_head)
     # hist at t is the carry after step t (for rows not running there it is the frozen
     # carry, finite, and their d_new is 0).
     d_gi, d_gh, d_prev = BACKWARD[cell](_at(acts_BTA, t, rows), head, _at(hist, t, rows), d_new)
@@ -147,7 +145,7 @@ def _skip_bwd(cell, chunk, reverse, residuals, cotangents):
     d_x = d_x.at[order_B[:rows], t].set(d_gi @ w_i_T, unique_indices=True)
     return d_carry, d_x, d_w
 
-  state = (d_final, jnp.zeros_like(x_BTF), jax.tree_util.tree_map(jnp.zeros_like, params))
+  state = (d_final, jnp.zeros_like(x_BTF), jax.tree.map(jnp.zeros_like, params))
   for segment in _segments(lengths_B, chunk, not reverse):
     state = _loop(segment, not reverse, body, state)
   d_carry0, d_x, d_params = state
@@ -191,7 +189,7 @@ def recur_skipping(
   inverse = jnp.argsort(order)
 
   def sort(tree, by=order, undo=inverse):
-    return jax.tree_util.tree_map(lambda a: _permute(a, by, undo), tree)
+    return jax.tree.map(lambda a: _permute(a, by, undo), tree)
 
   # Only the small arrays are sorted here; x, the outputs and their gradients stay in the
   # caller's order and the loops fetch or write their running rows by index.

@@ -28,14 +28,14 @@ import numpy as np
 import optax
 from absl import logging
 
-from maskax import checkpoint as ckpt_lib
-from maskax import preemption
-from maskax import progress as progress_lib
-from maskax import runs
-from maskax import sharding as sharding_lib
-from maskax.losses import safe_div
-from maskax.preemption import Preempted  # noqa: F401  (re-exported: train.Preempted)
-from maskax.train_step import make_eval_step, make_train_step
+from maskax.training import checkpoint as ckpt_lib
+from maskax.training import preemption
+from maskax.training import progress as progress_lib
+from maskax.training import runs
+from maskax.training import sharding as sharding_lib
+from maskax.masking.losses import safe_div
+from maskax.training.preemption import Preempted  # noqa: F401  (re-exported: train.Preempted)
+from maskax.training.train_step import make_eval_step, make_train_step
 
 Pairs = Mapping[str, tuple[jax.Array, jax.Array]]
 
@@ -73,7 +73,7 @@ class Task:
          once: (total, weight) pairs, `evaluation.Max`, or any array summed over batches,
          devices and processes (a confusion matrix). None: the pairs of `loss(train=False)`.
   eval_finish: host-side {name: summed NumPy value} -> {name: float}, for sums that are not
-         pairs or Max (mean IoU from a confusion matrix); see `maskax.evaluation`.
+         pairs or Max (mean IoU from a confusion matrix); see `maskax.training.evaluation`.
   extra_eval: state -> dict of floats, called at every evaluation, for what is no sum over a
          fixed batch: sampled text, a decoder's search (BLEU), constants such as a baseline.
   """
@@ -188,7 +188,9 @@ def init_or_restore(task: Task, seed: int, mesh, checkpointer):
   record (a damaged newer checkpoint is skipped with a warning; see `Checkpointer`)."""
   repl = sharding_lib.replicated(mesh)
   init_state_fn = functools.partial(init_state, task)
-  key = jax.random.PRNGKey(seed)
+  # The state holds the key's raw u32[2] data: orbax saves plain arrays, and the bits equal the
+  # legacy PRNGKey(seed)'s (threefry), so runs started before this change resume bitwise.
+  key = jax.random.key_data(jax.random.key(seed))
   if checkpointer.latest_step() is not None:
     abstract = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
@@ -219,7 +221,7 @@ def train(
   """Trains to `options.steps`, resuming from `workdir` if it holds a checkpoint.
 
   On SIGTERM every process saves the same step and `Preempted` is raised (see
-  `maskax.preemption`); calling `train` again resumes from that step.
+  `maskax.training.preemption`); calling `train` again resumes from that step.
   """
   mesh = sharding_lib.make_mesh() if mesh is None else mesh
   checkpointer = ckpt_lib.Checkpointer(

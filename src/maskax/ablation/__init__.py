@@ -1,0 +1,1 @@
+"""Ablations: sweep grids over configs and seeds, their t-intervals and reports."""

@@ -1,0 +1,1 @@
+"""What counts: masks, masked losses with named normalisations, loss sampling, metrics."""

@@ -1,0 +1,1 @@
+"""Padded scans over GRU/LSTM cells, mask-aware layers and decoding."""

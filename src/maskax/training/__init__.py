@@ -1,0 +1,1 @@
+"""How an experiment is trained: loop, evaluation, sharding, checkpoints, progress."""

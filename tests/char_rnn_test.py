@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import launch as launcher
+from maskax.launcher import runner
 from conftest import launch
 from experiments import char_rnn as exp
 from maskax.masking import losses, sampling
@@ -315,10 +315,10 @@ def test_trained_config_takes_only_predict_keys_from_the_command(trained_smoke):
   config, workdir = trained_smoke
   command = exp.get_config()  # the default preset: other sizes than the smoke run's
   command.temperature, command.model.hidden = 0.5, 999
-  used = launcher.trained_config(exp, command, workdir)
+  used = runner.trained_config(exp, command, workdir)
   assert used.temperature == 0.5 and used.length == command.length  # how to sample: the command
   assert used.model.hidden == config.model.hidden == 16  # what was trained: the run
-  assert launcher.trained_config(exp, command, "/nonexistent") is command
+  assert runner.trained_config(exp, command, "/nonexistent") is command
 
 
 def test_continuation_study_scores_reset_and_carried(trained_smoke, capsys):

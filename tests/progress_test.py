@@ -5,6 +5,7 @@ import glob
 import math
 import os
 import struct
+import time
 
 import pytest
 from jax import monitoring
@@ -117,3 +118,19 @@ def test_speed_is_unknown_until_a_window_counts():
   p.log(4, {"eval/mse": 0.1}, None)
   assert math.isnan(p.rate(4))
   assert p.line(4, {"loss": 1.0}, p.rate(4)).endswith("? steps/s  ETA ?")
+
+
+def test_startup_phases_are_timed_logged_and_cleared(caplog):
+  progress.phases(clear=True)
+  with caplog.at_level("INFO"):
+    with progress.phase("data"):
+      time.sleep(0.05)
+    with progress.phase("data"):  # a phase entered twice adds up
+      time.sleep(0.05)
+    with pytest.raises(RuntimeError):
+      with progress.phase("tokenizer"):  # timed even when it fails: the log says how far it got
+        raise RuntimeError("boom")
+  got = progress.phases(clear=True)
+  assert set(got) == {"data", "tokenizer"} and 0.1 <= got["data"] < 5
+  assert progress.phases() == {}
+  assert "start-up: data took" in caplog.text and "start-up: tokenizer took" in caplog.text

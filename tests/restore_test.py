@@ -47,6 +47,14 @@ def trained(tmp_path_factory):
   return workdir, jax.device_get(state)
 
 
+def test_the_first_metrics_record_holds_the_startup_phases(trained):
+  workdir, _ = trained
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert records[0]["step"] == 3 and records[0]["startup/init_s"] > 0
+  assert not any(k.startswith("startup/") for r in records[1:] for k in r)
+
+
 def test_restores_the_final_parameters_and_model_state_bitwise(trained):
   workdir, state = trained
   got = restore.restore_params(workdir)

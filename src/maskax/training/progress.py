@@ -14,6 +14,7 @@ logged `steps_per_s` is the run's throughput, from which experiments derive toke
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -204,6 +205,37 @@ def compile_seconds() -> float:
     monitoring.register_event_duration_secs_listener(_on_duration)
     _listening = True
   return _compile_s.get(threading.get_ident(), 0.0)
+
+
+@contextlib.contextmanager
+def phase(name: str):
+  """Times a start-up phase (tokenizer, data preparation, restoring the state) and logs it.
+
+  `with progress.phase("data"): ...` logs `start-up: data took 3.2 s` on process 0 and adds the
+  seconds to `phases()`, which the loop writes into its first metrics record as
+  `startup/NAME_s`, so a slow start is visible in metrics.jsonl and TensorBoard, not only in
+  the log. Compilation is reported apart, by `Progress.rate`, since it happens inside steps.
+  """
+  start = time.perf_counter()
+  try:
+    yield
+  finally:
+    seconds = time.perf_counter() - start
+    _phases[name] = _phases.get(name, 0.0) + seconds
+    if jax.process_index() == 0:
+      logging.info("start-up: %s took %.1f s", name, seconds)
+
+
+_phases: dict[str, float] = {}
+
+
+def phases(*, clear: bool = False) -> dict[str, float]:
+  """`{name: seconds}` of the phases timed so far in this process (`clear` starts over: one run
+  of a sweep must not report the phases of the run before it)."""
+  out = dict(_phases)
+  if clear:
+    _phases.clear()
+  return out
 
 
 class Progress:

@@ -238,7 +238,8 @@ def train(
 
 
 def _run(task, options, workdir, seed, mesh, checkpointer, stop_signal):
-  state, data_state, loop = init_or_restore(task, seed, mesh, checkpointer)
+  with progress_lib.phase("restore" if checkpointer.latest_step() is not None else "init"):
+    state, data_state, loop = init_or_restore(task, seed, mesh, checkpointer)
   # Every checkpoint carries the run's resolved config and topology (what the launcher wrote
   # to the workdir), so a resume can be checked against the checkpoint itself even when
   # config.json was deleted or edited (`runs.write_config`).
@@ -297,7 +298,9 @@ def _run(task, options, workdir, seed, mesh, checkpointer, stop_signal):
       sums = None
       rate = progress.rate(step)
       final["steps_per_s"] = rate
-      writer.write(step, final, elapsed=time.perf_counter() - started)
+      # The start-up phases (data, tokenizer, init) go into the first record this process writes.
+      startup = {f"startup/{k}_s": v for k, v in progress_lib.phases(clear=True).items()}
+      writer.write(step, {**final, **startup}, elapsed=time.perf_counter() - started)
       progress.log(step, {k: v for k, v in final.items() if k != "steps_per_s"}, rate)
     if (options.eval_every and step % options.eval_every == 0) or step == options.steps:
       evals = evaluate(task, state, eval_step, mesh)

@@ -13,6 +13,14 @@ import tempfile  # noqa: E402
 
 # Shared caches (the WordPiece tokenizer) go to a throwaway folder, not the user's ~/.cache.
 os.environ.setdefault("MASKAX_CACHE", tempfile.mkdtemp(prefix="maskax-test-cache-"))
+# One persistent XLA compilation cache for the session, shared by this process and every launch
+# subprocess: the suite compiles the same smoke models dozens of times (a char_rnn smoke launch
+# takes 25 s cold, 17.6 s with the cache warm; its losses are bitwise the same either way).
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="maskax-test-xla-cache-")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax  # noqa: E402
 

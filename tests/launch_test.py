@@ -204,6 +204,26 @@ def test_a_half_finished_sweep_resumes_and_skips_finished_runs(tmp_path):
   assert [r["step"] for r in progress.read_metrics(partial) if "loss" in r] == [2, 4, 6]
 
 
+def test_freed_topology_resumes_on_another_process_count_and_says_so(tmp_path, caplog):
+  from maskax.training import runs
+
+  workdir = str(tmp_path)
+  config = {"train": {"learning_rate": 0.1, "steps": 5}}
+  runs.write_config(workdir, config, topology={"process_count": 2, "device_count": 2})
+  os.makedirs(tmp_path / "checkpoints" / "5")
+  one = {"process_count": 1, "device_count": 1}
+  with caplog.at_level("WARNING"):
+    runs.write_config(
+      workdir, config, topology=one, free_topology=("process_count", "device_count")
+    )
+  assert "device_count 2 -> 1, process_count 2 -> 1" in caplog.text
+  assert json.loads((tmp_path / "topology.json").read_text()) == one
+  with pytest.raises(runs.ConfigChangedError, match="topology.device_count: 1 -> 4"):
+    runs.write_config(
+      workdir, config, topology={"process_count": 1, "device_count": 4}, free_topology=()
+    )
+
+
 def test_topology_is_pinned_on_resume_unless_allowed(tmp_path):
   from maskax.training import runs
 

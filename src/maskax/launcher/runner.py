@@ -38,6 +38,9 @@ class Options:
   export: str | None = None
 
 
+TOPOLOGY = ("process_count", "device_count", "data_workers")
+
+
 def topology() -> dict[str, int]:
   """What a resume must match: a different split changes reduction order and data sharding."""
   return {
@@ -71,6 +74,9 @@ def run_one(module, config, workdir: str, options: Options) -> dict:
       allow_change=options.allow_config_change,
       is_writer=jax.process_index() == 0,
       topology=topology(),
+      # An experiment whose global batches are the same for any process count (BERT's
+      # prepared shards) may resume on another one.
+      free_topology=TOPOLOGY if getattr(module, "RESUME_ANY_PROCESS_COUNT", False) else (),
     )
     started = time.perf_counter()
     final = module.run(config, workdir)

@@ -16,6 +16,8 @@ import math
 import os
 from typing import Any, Iterable, Mapping
 
+from absl import logging
+
 CONFIG_FILE = "config.json"
 TOPOLOGY_FILE = "topology.json"
 
@@ -137,6 +139,7 @@ def write_config(
   allow_change: bool = False,
   is_writer: bool = True,
   topology: Mapping[str, Any] | None = None,
+  free_topology: Iterable[str] = (),
 ) -> None:
   """Writes `workdir/config.json` (and `topology.json`); on resume, first checks them.
 
@@ -144,7 +147,11 @@ def write_config(
   a different process or device count changes reduction order and data sharding, so it is
   pinned like a numerics key. Raises ConfigChangedError with the differing keys when a run with
   checkpoints is resumed under a config or topology that changes numerics or data order
-  (unless `allow_change`). Only the process with `is_writer` writes; every process checks.
+  (unless `allow_change`). `free_topology` names topology keys a resume may change: an
+  experiment whose data stream does not depend on the process count (BERT's prepared shards)
+  frees them, and the change is logged instead (sums then reduce in another order, so the run
+  continues to rounding, not bitwise). Only the process with `is_writer` writes; every process
+  checks.
   """
   path = os.path.join(workdir, CONFIG_FILE)
   topo_path = os.path.join(workdir, TOPOLOGY_FILE)
@@ -159,7 +166,16 @@ def write_config(
       diff = config_diff(stored["config"], config, safe, pinned)
     # No stored topology: written before pinning.
     if topology is not None and stored.get("topology") is not None:
-      diff += config_diff({"topology": stored["topology"]}, {"topology": topology}, ())
+      free = set(free_topology)
+      old, new = stored["topology"], dict(topology)
+      moved = [k for k in free if k in old and old[k] != new.get(k)]
+      if moved and is_writer:
+        logging.warning(
+          "resuming with another topology (%s): this experiment's data do not depend on it",
+          ", ".join(f"{k} {old[k]} -> {new.get(k)}" for k in sorted(moved)),
+        )
+      keep = lambda t: {k: v for k, v in t.items() if k not in free}
+      diff += config_diff({"topology": keep(old)}, {"topology": keep(new)}, ())
     if diff and not allow_change:
       raise ConfigChangedError(
         f"{workdir} holds a run with a different config ({source}); resuming would mix two"

@@ -13,20 +13,27 @@ import tempfile  # noqa: E402
 
 # Shared caches (the WordPiece tokenizer) go to a throwaway folder, not the user's ~/.cache.
 os.environ.setdefault("MASKAX_CACHE", tempfile.mkdtemp(prefix="maskax-test-cache-"))
-# One persistent XLA compilation cache for the session, shared by this process and every launch
-# subprocess: the suite compiles the same smoke models dozens of times (a char_rnn smoke launch
-# takes 25 s cold, 17.6 s with the cache warm; its losses are bitwise the same either way).
+# One persistent XLA compilation cache for the session (set here, in the pytest-xdist controller,
+# before the workers start), shared by every worker and every launch subprocess: the suite
+# compiles the same smoke models dozens of times (a char_rnn smoke launch takes 25 s cold,
+# 17.6 s with the cache warm; its losses are bitwise the same either way).
 os.environ.setdefault(
   "JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="maskax-test-xla-cache-")
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+# A size bound turns on the cache's file lock (filelock), which the pytest-xdist workers and
+# launch subprocesses that read and write the cache at the same time need.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+import contextlib  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -52,6 +59,47 @@ def launch(*args, devices: int = 1, timeout: float = 300, env=None, check=False,
   if check and proc.returncode != 0:
     raise AssertionError(f"launch {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
   return proc
+
+
+def launch_here(*args, cwd=ROOT, check=False) -> subprocess.CompletedProcess:
+  """Runs `launch.py ARGS` in this process: what `launch` does, without starting Python and JAX.
+
+  For tests whose subject is not the process itself (a kill, a signal, several processes, a
+  lock between two launches, the device count): the same `launch.run()`, flags parsed afresh,
+  stdout and every log record captured, a `SystemExit` turned into the return code. It runs on
+  this process's 8 simulated devices. Returns what `subprocess.run` would.
+  """
+  import launch as launcher  # defines the absl flags, once per process
+  from absl import flags
+
+  out, err = io.StringIO(), io.StringIO()
+  handler = logging.StreamHandler(err)  # absl records propagate to the root logger
+  old_argv, old_cwd = sys.argv, os.getcwd()
+  sys.argv, code = ["launch.py", *args], 0
+  logging.getLogger().addHandler(handler)
+  absl_logger = logging.getLogger("absl")
+  old_level = absl_logger.level
+  absl_logger.setLevel(logging.INFO)  # what a launch prints; pytest leaves the root at WARNING
+  os.chdir(cwd)
+  try:
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      try:
+        launcher.run()
+      except SystemExit as e:
+        if isinstance(e.code, str):  # sys.exit("error: ...") prints it, as Python's exit does
+          print(e.code, file=err)
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+  finally:
+    flags.FLAGS.unparse_flags()  # the next launch_here starts from every flag's default
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+      delattr(flags.FLAGS, name)  # --config defines one flag per field of the file it loads
+    sys.argv = old_argv
+    os.chdir(old_cwd)
+    logging.getLogger().removeHandler(handler)
+    absl_logger.setLevel(old_level)
+  if check and code != 0:
+    raise AssertionError(f"launch {args} failed ({code}):\n{err.getvalue()[-4000:]}")
+  return subprocess.CompletedProcess(["launch.py", *args], code, out.getvalue(), err.getvalue())
 
 
 def resume_to_six(args, workdir, *extra) -> list[dict]:

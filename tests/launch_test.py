@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, launch
+from conftest import ROOT, launch, launch_here
 from maskax.training import progress
 
 SMOKE = "--config=experiments/example_regression.py:smoke"
@@ -43,7 +43,7 @@ def _losses(workdir):
   ],
 )
 def test_bad_input_exits_nonzero_naming_the_problem(args, expected, tmp_path):
-  proc = launch(*args, f"--workdir={tmp_path}/w")
+  proc = launch_here(*args, f"--workdir={tmp_path}/w")
   assert proc.returncode != 0
   assert expected in proc.stderr + proc.stdout, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
@@ -63,7 +63,7 @@ def test_bad_input_exits_nonzero_naming_the_problem(args, expected, tmp_path):
   ],
 )
 def test_every_sweep_run_is_checked_before_the_first_trains(args, expected, tmp_path):
-  proc = launch(SMOKE, f"--workdir={tmp_path}/w", *args)
+  proc = launch_here(SMOKE, f"--workdir={tmp_path}/w", *args)
   assert proc.returncode == 1
   assert expected in proc.stderr, proc.stderr[-2000:]
   assert not os.path.exists(tmp_path / "w")  # not even the valid first run started
@@ -73,7 +73,7 @@ def test_every_sweep_run_is_checked_before_the_first_trains(args, expected, tmp_
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a folder")
-  proc = launch(SMOKE, f"--workdir={blocker}/run")
+  proc = launch_here(SMOKE, f"--workdir={blocker}/run")
   assert proc.returncode == 1
   assert "cannot write to workdir" in proc.stderr
   assert "Traceback" not in proc.stderr
@@ -81,7 +81,7 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_list_names_every_experiment_with_presets(tmp_path):
-  proc = launch("--list", check=True, cwd=tmp_path)  # found beside launch.py, from anywhere
+  proc = launch_here("--list", check=True, cwd=tmp_path)  # found beside launch.py, from anywhere
   assert "example_regression:" in proc.stdout and ":smoke" in proc.stdout
   assert "common:" not in proc.stdout  # shared defaults, no get_config: not an experiment
 
@@ -90,9 +90,9 @@ def test_list_names_every_experiment_with_presets(tmp_path):
 def test_config_paths_resolve_from_the_cwd_then_the_repository(tmp_path):
   # From another directory, experiments/... is found under the repository root: the run gets
   # as far as checking the override's key.
-  proc = launch(SMOKE, "--config.train.stepz=3", cwd=tmp_path)
+  proc = launch_here(SMOKE, "--config.train.stepz=3", cwd=tmp_path)
   assert proc.returncode == 1 and "unknown config key 'train.stepz'" in proc.stderr
-  proc = launch("--config=elsewhere/nope.py", cwd=tmp_path)
+  proc = launch_here("--config=elsewhere/nope.py", cwd=tmp_path)
   assert proc.returncode == 1 and "unknown experiment 'elsewhere/nope.py'" in proc.stderr
   assert "experiments/example_regression.py" in proc.stderr
 
@@ -101,7 +101,7 @@ def test_config_paths_resolve_from_the_cwd_then_the_repository(tmp_path):
 def test_any_config_file_runs_from_any_directory(tmp_path):
   # A copy outside the repository still imports `experiments.common` (the root is on sys.path).
   shutil.copy(os.path.join(ROOT, "experiments", "example_regression.py"), tmp_path / "mine.py")
-  launch("--config=mine.py:smoke", "--workdir=run", check=True, cwd=tmp_path)
+  launch_here("--config=mine.py:smoke", "--workdir=run", check=True, cwd=tmp_path)
   run = tmp_path / "run"
   assert (run / "final.json").exists() and (run / "checkpoints" / "6").is_dir()
   assert [r["step"] for r in progress.read_metrics(run) if "loss" in r] == [2, 4, 6]
@@ -149,20 +149,20 @@ def test_sigkill_then_rerun_resumes_bitwise(tmp_path):
 @pytest.mark.slow
 def test_resume_with_changed_numerics_stops_with_a_diff(tmp_path):
   work = f"--workdir={tmp_path}/w"
-  launch(SMOKE, work, check=True)
-  proc = launch(SMOKE, work, "--config.train.learning_rate=0.1")
+  launch_here(SMOKE, work, check=True)
+  proc = launch_here(SMOKE, work, "--config.train.learning_rate=0.1")
   assert proc.returncode == 1
   assert "train.learning_rate: 0.003 -> 0.1" in proc.stderr
   # Extending a run is not a change of numerics.
-  launch(SMOKE, work, "--config.train.steps=8", check=True)
+  launch_here(SMOKE, work, "--config.train.steps=8", check=True)
 
 
 @pytest.mark.slow
 def test_nonfinite_step_stops_naming_the_step(tmp_path):
-  proc = launch(SMOKE, f"--workdir={tmp_path}/w", "--config.debug.inject_nonfinite_at_step=3")
+  proc = launch_here(SMOKE, f"--workdir={tmp_path}/w", "--config.debug.inject_nonfinite_at_step=3")
   assert proc.returncode == 1
   assert "non-finite loss, gradient or update at step(s) [3]" in proc.stderr
-  proc = launch(
+  proc = launch_here(
     SMOKE,
     f"--workdir={tmp_path}/skip",
     "--config.debug.inject_nonfinite_at_step=3",
@@ -175,7 +175,7 @@ def test_nonfinite_step_stops_naming_the_step(tmp_path):
 @pytest.mark.slow
 def test_a_half_finished_sweep_resumes_and_skips_finished_runs(tmp_path):
   sweep_args = [SMOKE, f"--workdir={tmp_path}", "--sweep=model.hidden=8,16", "--seeds=2"]
-  proc = launch(*sweep_args, check=True)
+  proc = launch_here(*sweep_args, check=True)
   assert "sweep run 1/4 (model.hidden=8, seed=0), ETA ?" in proc.stderr
   assert "sweep run 4/4 (model.hidden=16, seed=1), ETA " in proc.stderr
   for name in ("results.md", "results.csv", "results.png"):
@@ -192,7 +192,7 @@ def test_a_half_finished_sweep_resumes_and_skips_finished_runs(tmp_path):
   os.remove(partial / "final.json")
   finished = [p for p in tmp_path.glob("model.hidden=*") if p != partial]
   before = {p: ((p / "metrics.jsonl").read_bytes(), sorted(os.listdir(p))) for p in finished}
-  proc = launch(*sweep_args, check=True)
+  proc = launch_here(*sweep_args, check=True)
   assert "sweep: 3 of 4 runs already finished" in proc.stderr
   assert "sweep run 4/4 (model.hidden=16, seed=1)" in proc.stderr
   assert "sweep run 1/4" not in proc.stderr

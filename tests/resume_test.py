@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import SMOKE20, launch, read_losses, spawn
+from conftest import SMOKE20, launch, launch_here, read_losses, spawn
 from maskax.training import checkpoint as ckpt_lib
 from maskax.training import progress, runs
 
@@ -67,16 +67,16 @@ def test_char_rnn_batch_chars_stands_in_for_batch_size():
 @pytest.mark.slow
 def test_config_json_deleted_then_a_changed_config_is_refused_with_a_diff(tmp_path):
   workdir = tmp_path / "w"
-  launch(SMOKE, f"--workdir={workdir}", check=True)
+  launch_here(SMOKE, f"--workdir={workdir}", check=True)
   os.remove(workdir / runs.CONFIG_FILE)
-  proc = launch(
+  proc = launch_here(
     SMOKE, f"--workdir={workdir}", "--config.seed=3", "--config.train.learning_rate=0.01"
   )
   assert proc.returncode == 1
   assert "(the config saved in checkpoint 6)" in proc.stderr, proc.stderr[-2000:]
   assert "  seed: 0 -> 3" in proc.stderr and "train.learning_rate: 0.003 -> 0.01" in proc.stderr
   # The unchanged config resumes (the finished run reports its training loss again).
-  proc = launch(SMOKE, f"--workdir={workdir}", check=True)
+  proc = launch_here(SMOKE, f"--workdir={workdir}", check=True)
   assert "  loss: " in proc.stdout and "  eval/mse: " in proc.stdout, proc.stdout
   assert "could not be restored" not in proc.stderr  # orbax's per-item warnings on resume
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import launch, spawn
+from conftest import launch, launch_here, spawn
 from maskax.training import workdir_lock
 
 # A separate process holds the lock (flock is per open file, so a second open in this process
@@ -110,7 +110,7 @@ def test_two_launches_into_one_workdir_run_exactly_one(tmp_path, second):
   deadline = time.time() + 120
   while not (workdir / "metrics.jsonl").exists() and time.time() < deadline:
     time.sleep(0.1)
-  proc = launch(*SMOKE, *second, f"--workdir={workdir}")
+  proc = launch_here(*SMOKE, *second, f"--workdir={workdir}")  # refused before it trains
   assert proc.returncode == 1
   assert f"workdir {workdir} is in use by pid {first.pid}" in proc.stderr, proc.stderr[-2000:]
   assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-3000:]

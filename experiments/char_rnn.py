@@ -29,7 +29,6 @@ a unigram baseline of 4.72; samples mix real words ("the", "method", "argument",
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
@@ -40,10 +39,10 @@ import optax
 from absl import logging
 
 from experiments import common
-from maskax.masking import losses
-from maskax.training import evaluation, progress, restore, sharding, train
 from maskax.data import chars, corpus
+from maskax.masking import losses
 from maskax.models import char_rnn
+from maskax.training import evaluation, restore, sharding, train
 
 PRESETS = {
   "default": "embedding 64, GRU 256, batch 32 x 100, 1.6 M characters (about 3 min, 2-core CPU)",
@@ -79,12 +78,11 @@ RESUME_SAFE_KEYS = (
 PREDICT_KEYS = ("length", "temperature", "top_k", "sample_seed")
 # The cosine schedule decays over train.steps: extending a run would change it mid-way.
 RESUME_PINNED_KEYS = ("train.steps",)
+VOCAB_FILE = "vocab.json"  # in the workdir, written when training starts
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  arg = arg or "default"
-  if arg not in PRESETS:
-    raise ValueError(f"unknown preset {arg!r}; presets: {', '.join(PRESETS)}")
+  arg = common.preset(arg, PRESETS)
   c = ml_collections.ConfigDict()
   c.seed = 0  # init, window order and per-step keys derive from it
   c.prompt = "The "  # prompt of the samples logged during training; several separated by
@@ -147,42 +145,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   return c
 
 
-def load_ids(config, workdir: str | None = None):
+def make_data(config, workdir: str | None = None):
   """(vocab, train ids i32[N], held-out ids i32[M]); the vocabulary comes from the training text
   (or the workdir's vocab.json, so generation uses the vocabulary the model was trained with)."""
-  text = corpus.load_text(config.data.path or None)
-  if config.data.max_chars:
-    text = text[: config.data.max_chars]
-  cut = len(text) - int(round(len(text) * config.data.eval_fraction))
-  path = os.path.join(workdir, "vocab.json") if workdir else None
-  if path and os.path.exists(path):
-    vocab = saved_vocab(workdir)
-  else:
-    vocab = chars.build_vocab(text[:cut])
-    if path and jax.process_index() == 0:
-      os.makedirs(workdir, exist_ok=True)
-      with open(path, "w", encoding="utf-8") as f:
-        f.write(vocab.to_json())
-  train_ids, held_out = chars.split_tail(vocab.encode(text), config.data.eval_fraction)
+  text = corpus.load_text(config.data.path or None)[: config.data.max_chars or None]
+  path = os.path.join(workdir, VOCAB_FILE) if workdir else None
+  saved = chars.load_vocab(path) if path and os.path.exists(path) else None
+  vocab, train_ids, held_out = chars.split_text(text, config.data.eval_fraction, vocab=saved)
+  if path and saved is None and jax.process_index() == 0:
+    chars.save_vocab(path, vocab)
   return vocab, train_ids, held_out
 
 
-def saved_vocab(workdir: str) -> chars.CharVocab:
-  """The vocabulary a run trained with: WORKDIR/vocab.json, written by `load_ids`."""
-  path = os.path.join(workdir, "vocab.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing: the run's vocabulary is needed to read text.")
-  with open(path, encoding="utf-8") as f:
-    return chars.CharVocab.from_json(f.read())
-
-
-def unigram_bpc(train_ids, held_out, vocab_size: int) -> float:
-  """Held-out bits/char of the training unigram distribution (add-one): the bar to beat."""
-  counts = np.bincount(train_ids, minlength=vocab_size) + 1.0
-  return float(-np.mean(np.log2(counts / counts.sum())[held_out]))
-
-
-def build_model(config, vocab_size: int) -> char_rnn.CharRNN:
+def make_model(config, vocab_size: int) -> char_rnn.CharRNN:
   m = config.model
   return char_rnn.CharRNN(vocab_size, m.embed_dim, m.hidden, m.num_layers, m.cell, m.dropout_rate)
 
@@ -213,32 +188,12 @@ def _prompts(config) -> list[str]:
   return config.prompt.split(sep) if sep else [config.prompt]
 
 
-def make_sampler(model, vocab, config):
-  """`sample(params, prompts, steps, key) -> list of str` (jit'd per steps)."""
-  gen = jax.jit(functools.partial(char_rnn.generate, model), static_argnames=("steps", "top_k"))
-
-  def sample(params, prompts, steps, key):
-    ids, lengths = chars.pad_prompts(prompts, vocab)
-    keys = char_rnn.row_keys(key, len(prompts))
-    tokens, _ = gen(
-      params,
-      ids,
-      lengths,
-      keys,
-      steps=steps,
-      temperature=config.temperature,
-      top_k=config.top_k,
-      banned=vocab.banned(),
-    )
-    return [vocab.decode(row) for row in np.asarray(tokens)]
-
-  return sample
+def _sampler(config, model, vocab):
+  return char_rnn.make_sampler(model, vocab, temperature=config.temperature, top_k=config.top_k)
 
 
-def make_eval(model, vocab, held_out, config, workdir) -> dict:
-  """The Task's evaluation: held-out xent and bits/char of data.eval_streams contiguous streams,
-  the carry reset per window (`_reset`) or carried across (`_carried`), and a logged sample
-  (`extra_eval`: generation loops over its own outputs on the host; it is no eval sum)."""
+def _eval_batches(config, held_out) -> list[dict]:
+  """The held-out tail as data.eval_streams contiguous streams: one batch, i32[B, K, T] each."""
   d = config.data
   ids = held_out[: d.eval_chars + 1] if d.eval_chars else held_out
   layout = chars.stream_windows(
@@ -251,23 +206,19 @@ def make_eval(model, vocab, held_out, config, workdir) -> dict:
       f"={d.eval_streams} or data.eval_seq_len={d.eval_seq_len}"
     ),
   )
-  batches = evaluation.fixed_batches(layout, d.eval_streams)  # one batch: i32[B, K, T] each
-  sample = make_sampler(model, vocab, config)
-  sample_key = jax.random.key(config.sample_seed)
+  return evaluation.fixed_batches(layout, d.eval_streams)
 
-  def eval_sums(params, model_state, batch, key):
-    sums = char_rnn.stream_xent(model, params, batch["inputs"], batch["targets"])
-    return {
-      **{f"xent_{k}": pair for k, pair in sums.items()},
-      **{f"bpc_{k}": char_rnn.bits_per_char(*pair) for k, pair in sums.items()},
-    }
+
+def make_extra_eval(config, model, vocab, workdir: str):
+  """Samples `log_sample_chars` characters after each prompt, logged and appended to
+  WORKDIR/samples.txt (generation loops over its own outputs on the host: no eval sum)."""
+  sample, key = _sampler(config, model, vocab), jax.random.key(config.sample_seed)
 
   def log_sample(state):
     if config.log_sample_chars and jax.process_index() == 0:
       # Host copies of the replicated params: the sample runs on this process's device alone.
-      texts = sample(
-        sharding.to_host(state.params), _prompts(config), config.log_sample_chars, sample_key
-      )
+      params = sharding.to_host(state.params)
+      texts = sample(params, _prompts(config), config.log_sample_chars, key)
       step = int(jax.device_get(state.step))
       for prompt, text in zip(_prompts(config), texts):
         logging.info("sample at step %d: %r", step, prompt + text)
@@ -275,11 +226,11 @@ def make_eval(model, vocab, held_out, config, workdir) -> dict:
           f.write(f"--- step {step} ---\n{prompt}{text}\n")
     return {}
 
-  return dict(eval_data=lambda: batches, eval_sums=eval_sums, extra_eval=log_sample)
+  return log_sample
 
 
-def build_task(config, model, train_ids, **eval_fields) -> train.Task:
-  """Data iterator, loss, optimizer and init for `config.train.mode`, plus `make_eval`'s fields."""
+def make_task(config, model, train_ids, **eval_fields) -> train.Task:
+  """Data iterator, loss, optimizer and init for `config.train.mode`, plus evaluation fields."""
   mode, B, T = config.train.mode, batch_size(config), config.data.seq_len
   if mode not in MODES:
     raise ValueError(f"train.mode={mode!r}: use one of {', '.join(MODES)}.")
@@ -289,7 +240,7 @@ def build_task(config, model, train_ids, **eval_fields) -> train.Task:
       f"train.mode={mode} carries one state per batch row, so micro-batches cannot"
       " split the batch; use train.grad_accum_steps=1 or train.mode=stateless."
     )
-  proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  proc = common.this_process()
   if mode == "stateful":
     data = chars.StreamBatches(train_ids, B, T, **proc)
   else:
@@ -336,33 +287,30 @@ def resolve_steps(config) -> tuple[int, int]:
   return steps, (max(1, t.eval_tokens // per_step) if t.eval_tokens else 0)
 
 
-def _tokens_per_s(workdir, per_step: int) -> float:
-  """Median over log intervals (compilation and resumes are outliers), times B*T."""
-  rates = [
-    r["steps_per_s"]
-    for r in progress.read_metrics(workdir)
-    if isinstance(r.get("steps_per_s"), float)
-  ]
-  return float(np.median(rates)) * per_step if rates else float("nan")
-
-
-def continuation_bpc(model, params, segments, context: int):
-  """Held-out bits/char of a continuation after a reset state vs after a long context.
-
-  segments: i32[B, C + L + 1], the first C = `context` characters the context. Scores the
-  characters segments[:, C:] by teacher forcing: `reset` reads only the last context character
-  from a zero carry, `carried` reads the whole context first. Returns {reset, carried}: f32[].
-  """
-  inputs, targets = segments[:, :-1], segments[:, 1:]
-  after = jnp.arange(inputs.shape[1])[None, :] >= context - 1
-  mask = jnp.broadcast_to(after, inputs.shape)
-  logits, _ = model.apply({"params": params}, inputs)
-  carried = losses.masked_xent(logits, targets, mask)
-  logits, _ = model.apply({"params": params}, inputs[:, context - 1 :])
-  reset = losses.masked_xent(logits, targets[:, context - 1 :], mask[:, context - 1 :])
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  vocab, train_ids, held_out = make_data(config, workdir)
+  model = make_model(config, vocab.size)
+  eval_batches = _eval_batches(config, held_out)
+  task = make_task(
+    config,
+    model,
+    train_ids,
+    eval_data=lambda: eval_batches,
+    eval_sums=char_rnn.make_eval_sums(model),
+    extra_eval=make_extra_eval(config, model, vocab, workdir),
+  )
+  steps, eval_every = resolve_steps(config)
+  options = train.LoopOptions.from_config(
+    {**config.train.to_dict(), "steps": steps, "eval_every": eval_every}
+  )
+  _, final = train.train(task, options, workdir, seed=config.seed)
   return {
-    name: losses.safe_div(*pair) / np.log(2.0)
-    for name, pair in (("reset", reset), ("carried", carried))
+    **final,
+    "steps": float(steps),
+    "batch_size": float(batch_size(config)),
+    "vocab_size": float(vocab.size),
+    "unigram_bpc": chars.unigram_bpc(train_ids, held_out, vocab.size),
+    "tokens_per_s": common.per_second(final, batch_size(config) * config.data.seq_len),
   }
 
 
@@ -371,14 +319,14 @@ def predict(config, workdir: str, lines: list[str]) -> list[dict]:
   `top_k`, the rows of one ragged batch keyed from `sample_seed` (PREDICT_KEYS): one
   {"prompt", "text"} per line. Characters the run never saw are a ValueError naming them."""
   params = restore.restore_params(workdir).params
-  vocab = saved_vocab(workdir)
+  vocab = chars.load_vocab(os.path.join(workdir, VOCAB_FILE))
   unknown = sorted({c for line in lines for c in line} - set(vocab.chars))
   if unknown:
     raise ValueError(
       f"characters outside the run's vocabulary of {vocab.size - 1}: {unknown}; "
       "remove or replace them."
     )
-  sample = make_sampler(build_model(config, vocab.size), vocab, config)
+  sample = _sampler(config, make_model(config, vocab.size), vocab)
   texts = sample(params, lines, config.length, jax.random.key(config.sample_seed))
   return [{"prompt": prompt, "text": text} for prompt, text in zip(lines, texts)]
 
@@ -392,10 +340,11 @@ def continuation_study(config, workdir: str, *, context_chars: int) -> dict:
   {continuation_bpc_reset, continuation_bpc_carried}. Writes nothing into `workdir`.
   """
   params = restore.restore_params(workdir).params
-  saved_vocab(workdir)  # missing is an error here: load_ids would write a new one into the run
-  vocab, _, held_out = load_ids(config, workdir)
-  model = build_model(config, vocab.size)
-  sample = make_sampler(model, vocab, config)
+  # A missing vocabulary is an error here: make_data would write a new one into the run.
+  chars.load_vocab(os.path.join(workdir, VOCAB_FILE))
+  vocab, _, held_out = make_data(config, workdir)
+  model = make_model(config, vocab.size)
+  sample = _sampler(config, model, vocab)
   key = jax.random.key(config.sample_seed)
   C, L, B = context_chars, config.length, config.data.eval_streams
   layout = chars.stream_windows(
@@ -408,7 +357,7 @@ def continuation_study(config, workdir: str, *, context_chars: int) -> dict:
     ),
   )
   segments = np.concatenate([layout["inputs"][:, 0], layout["targets"][:, 0, -1:]], axis=1)
-  bpc = jax.device_get(jax.jit(continuation_bpc, static_argnums=(0, 3))(model, params, segments, C))
+  bpc = jax.device_get(char_rnn.continuation_bpc(model, params, segments, C))
   contexts = [vocab.decode(s[:C]) for s in segments[:1]]
   reset = sample(params, [c[-1:] for c in contexts], L, key)
   carried = sample(params, contexts, L, key)
@@ -421,25 +370,4 @@ def continuation_study(config, workdir: str, *, context_chars: int) -> dict:
   return {
     "continuation_bpc_reset": float(bpc["reset"]),
     "continuation_bpc_carried": float(bpc["carried"]),
-  }
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  vocab, train_ids, held_out = load_ids(config, workdir)
-  model = build_model(config, vocab.size)
-  mesh = sharding.make_mesh()
-  task = build_task(config, model, train_ids, **make_eval(model, vocab, held_out, config, workdir))
-  steps, eval_every = resolve_steps(config)
-  options = train.LoopOptions.from_config(
-    {**config.train.to_dict(), "steps": steps, "eval_every": eval_every}
-  )
-  _, final = train.train(task, options, workdir, seed=config.seed, mesh=mesh)
-  per_step = batch_size(config) * config.data.seq_len
-  return {
-    **final,
-    "steps": float(steps),
-    "batch_size": float(batch_size(config)),
-    "vocab_size": float(vocab.size),
-    "unigram_bpc": unigram_bpc(train_ids, held_out, vocab.size),
-    "tokens_per_s": _tokens_per_s(workdir, per_step),
   }

@@ -1,8 +1,9 @@
-"""Masked per-step regression on padded sequences: the smallest experiment the loop runs.
+"""Masked per-step regression on padded sequences: the smallest complete experiment.
 
-It exists to exercise `maskax.training.train` end to end (checkpoints, resume, sharding, sweeps, the
-non-finite guard) in seconds, on the theme of the library: padded steps hold garbage (NaN by
-default) and the masked token-mean loss must never see it.
+The template to copy when adding an experiment (README, "Adding an experiment"): it declares
+the config, the data, the model and the loss, and `maskax.training.train` does the rest
+(sharding, checkpoints and resume, evaluation, progress). On the library's theme: padded steps
+hold garbage (NaN by default) and the masked token-mean loss must never see it.
 
   python launch.py --config=experiments/example_regression.py:smoke
 Hardware: any CPU; `smoke` takes seconds, the default about 20 s on a 2-core CPU.
@@ -12,19 +13,15 @@ Expected: eval/mse falls from ~0.6 towards the noise floor (0.01).
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
 from experiments import common
+from maskax.data import iterators
 from maskax.masking import losses, masks
 from maskax.training import train
-from maskax.data import iterators
-
-# Slowing the data pipeline (tests that signal or kill a run mid-way) changes no number.
-RESUME_SAFE_KEYS = ("debug.step_delay_s",)
 
 PRESETS = {
   "default": "128-wide MLP, 600 steps (about 20 s on a 2-core CPU)",
@@ -33,9 +30,7 @@ PRESETS = {
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  arg = arg or "default"
-  if arg not in PRESETS:
-    raise ValueError(f"unknown preset {arg!r}; presets: {', '.join(PRESETS)}")
+  arg = common.preset(arg, PRESETS)
   c = ml_collections.ConfigDict()
   c.seed = 0  # init, training batches and per-step keys derive from it
   c.data = ml_collections.ConfigDict()
@@ -57,14 +52,36 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.log_every = 50
   c.train.eval_every = 200
   c.train.checkpoint_every = 200
-  c.debug = ml_collections.ConfigDict()
-  c.debug.inject_nonfinite_at_step = 0  # >0: put an inf into that step's valid inputs (tests)
-  c.debug.step_delay_s = 0.0  # >0: sleep in the data pipeline (tests that kill mid-run)
   if arg == "smoke":
     c.model.hidden = 16
     common.smoke_loop(c.train, steps=6)
     c.data.eval_batches = 1
   return c
+
+
+def _batch_fn(d):
+  """`(rng, n) -> {x f32[n, T, F], y f32[n, T, 1], lengths i32[n]}`; padding holds pad_value."""
+  F, T = d.features, d.max_length
+  w = np.random.default_rng(1234).normal(size=(F,)) / np.sqrt(F)  # the rule to learn, fixed
+
+  def make(rng, n):
+    x = rng.normal(size=(n, T, F)).astype(np.float32)
+    lengths = rng.integers(1, T + 1, size=n).astype(np.int32)
+    y = np.sin(3 * x @ w)[..., None] + d.noise * rng.normal(size=(n, T, 1))
+    valid = np.arange(T)[None, :] < lengths[:, None]
+    x = np.where(valid[..., None], x, d.pad_value).astype(np.float32)
+    y = np.where(valid[..., None], y, d.pad_value).astype(np.float32)
+    return {"x": x, "y": y, "lengths": lengths}
+
+  return make
+
+
+def make_data(config):
+  """(training iterator, held-out batches): process-local rows of seeded synthetic batches."""
+  make, B = _batch_fn(config.data), config.train.batch_size
+  train_data = iterators.SyntheticBatches(make, B, config.seed, **common.this_process())
+  held_out = iterators.SyntheticBatches(make, B, config.data.seed + 1, **common.this_process())
+  return train_data, [next(held_out) for _ in range(config.data.eval_batches)]
 
 
 class MLP(nn.Module):
@@ -75,68 +92,16 @@ class MLP(nn.Module):
     return nn.Dense(1)(nn.tanh(nn.Dense(self.hidden)(x)))
 
 
-def make_batch_fn(data_config, inject_at_position: int = -1):
-  """`(rng, n) -> {x f32[n, T, F], y f32[n, T, 1], lengths i32[n]}`; padding holds pad_value."""
-  F, T = data_config.features, data_config.max_length
-  w = np.random.default_rng(1234).normal(size=(F,)) / np.sqrt(F)  # the rule to learn, fixed
-
-  def make(rng, n, position=None):
-    x = rng.normal(size=(n, T, F)).astype(np.float32)
-    lengths = rng.integers(1, T + 1, size=n).astype(np.int32)
-    y = np.sin(3 * x @ w)[..., None] + data_config.noise * rng.normal(size=(n, T, 1))
-    valid = np.arange(T)[None, :] < lengths[:, None]
-    x = np.where(valid[..., None], x, data_config.pad_value).astype(np.float32)
-    y = np.where(valid[..., None], y, data_config.pad_value).astype(np.float32)
-    return {"x": x, "y": y, "lengths": lengths}
-
-  return make
+def make_model(config) -> MLP:
+  return MLP(config.model.hidden)
 
 
-class _Injecting(iterators.SyntheticBatches):
-  """Puts an inf into a valid input of one batch (position = step - 1): tests the guard."""
-
-  def __init__(self, *args, inject_position: int, delay_s: float, **kw):
-    super().__init__(*args, **kw)
-    self._inject, self._delay = inject_position, delay_s
-
-  def __next__(self):
-    position = self.position
-    batch = super().__next__()
-    if position == self._inject:
-      batch["x"] = batch["x"].copy()
-      batch["x"][0, 0, 0] = np.inf
-    if self._delay:
-      import time
-
-      time.sleep(self._delay)
-    return batch
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  model = MLP(config.model.hidden)
-  make = make_batch_fn(config.data)
-  proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_data = _Injecting(
-    make,
-    config.train.batch_size,
-    config.seed,
-    inject_position=config.debug.inject_nonfinite_at_step - 1,
-    delay_s=config.debug.step_delay_s,
-    **proc,
-  )
-  eval_iter = iterators.SyntheticBatches(
-    make, config.train.batch_size, config.data.seed + 1, **proc
-  )
-  eval_batches = [next(eval_iter) for _ in range(config.data.eval_batches)]
-
-  def init(key):
-    dummy = jnp.zeros((1, config.data.max_length, config.data.features))
-    return model.init(key, dummy)["params"], {}
+def make_loss(config, model):
+  """Masked MSE over the valid steps, as a `(total, weight)` pair in `loss.mode`."""
 
   def loss(params, model_state, batch, key, *, train):
     del key, train
-    T = batch["x"].shape[1]
-    step_mask = masks.sequence_mask(batch["lengths"], T)  # bool[B, T]
+    step_mask = masks.sequence_mask(batch["lengths"], batch["x"].shape[1])  # bool[B, T]
     # Padded inputs are NaN: zero them before the model so its outputs there stay finite;
     # the loss masks them anyway, this just keeps the padded predictions readable.
     x = jnp.where(step_mask[..., None], batch["x"], 0.0)
@@ -144,14 +109,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mse = losses.masked_mse(pred, batch["y"], step_mask[..., None], mode=config.loss.mode)
     return {"mse": mse}, {}, model_state
 
-  task = train.Task(
+  return loss
+
+
+def make_task(config) -> train.Task:
+  model = make_model(config)
+  train_data, eval_batches = make_data(config)
+
+  def init(key):
+    dummy = jnp.zeros((1, config.data.max_length, config.data.features))
+    return model.init(key, dummy)["params"], {}
+
+  return train.Task(
     init=init,
-    loss=loss,
+    loss=make_loss(config, model),
     optimizer=optax.adam(config.train.learning_rate),
     train_data=train_data,
-    eval_data=lambda: eval_batches,
+    eval_data=lambda: eval_batches,  # without eval_sums: the pairs of loss(train=False)
   )
-  _, final = train.train(
-    task, train.LoopOptions.from_config(config.train), workdir, seed=config.seed
-  )
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  options = train.LoopOptions.from_config(config.train)
+  _, final = train.train(make_task(config), options, workdir, seed=config.seed)
   return final

@@ -27,7 +27,6 @@ against 0.124 (0.742) for predicting background everywhere; loss_sampling_p0.25 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
@@ -39,16 +38,16 @@ import numpy as np
 import optax
 
 from experiments import common
-from maskax.masking import losses, metrics, sampling
-from maskax.training import evaluation, progress, restore, sharding, train
 from maskax.data import images, segmentation, user_files
-from maskax.models.fcn import FCN, FCNConfig
+from maskax.masking import losses
+from maskax.models import fcn
+from maskax.training import evaluation, progress, restore, sharding, train
 
 PRESETS = {
   "default": "FCN-8s, synthetic 64x64 shapes, batch 16, 400 steps (4 min for full on CPU)",
   "smoke": "tiny FCN on 16x16 images, 4 steps, checkpoint every 2 (seconds; for tests)",
 }
-MODES = ("full", "loss_sampling", "patchwise", "class_weighted", "class_sampled")
+MODES = fcn.LOSS_MODES  # full | loss_sampling | patchwise | class_weighted | class_sampled
 REPORT_METRICS = (
   "eval/mean_iou",
   "eval/pixel_acc",
@@ -60,13 +59,10 @@ REPORT_METRICS = (
   "wall_s",
 )
 RESUME_SAFE_KEYS = ("viz",)
-IGNORE = segmentation.IGNORE_LABEL
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  arg = arg or "default"
-  if arg not in PRESETS:
-    raise ValueError(f"unknown preset {arg!r}; presets: {', '.join(PRESETS)}")
+  arg = common.preset(arg, PRESETS)
   c = ml_collections.ConfigDict()
   c.seed = 0  # init, batch order, crops and loss-sampling keys
   c.data = ml_collections.ConfigDict()
@@ -116,21 +112,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   return c
 
 
-@dataclasses.dataclass(frozen=True)
-class LossSpec:
-  """How the training loss counts pixels (resolved from train.mode and config.loss).
-
-  class_weights / class_keep_probs: C floats (class_weighted / class_sampled), else None.
-  """
-
-  mode: str
-  normalization: str = "token_mean"
-  keep_prob: float = 1.0
-  sample_cell: int = 1
-  class_weights: tuple[float, ...] | None = None
-  class_keep_probs: tuple[float, ...] | None = None
-
-
 def parse_mode(mode: str, keep_prob: float) -> tuple[str, float]:
   """`'loss_sampling_p0.25'` -> `('loss_sampling', 0.25)`; other modes pass keep_prob through."""
   match = re.fullmatch(r"loss_sampling_p([0-9.]+)", mode)
@@ -156,33 +137,22 @@ def parse_mode(mode: str, keep_prob: float) -> tuple[str, float]:
   return mode, keep_prob
 
 
-def resolve(config, train_labels) -> tuple[LossSpec, int, int | None]:
+def resolve(config, train_labels) -> tuple[fcn.LossSpec, int, int | None]:
   """The loss spec, the global training batch and the crop side (None: whole images).
 
   train_labels: u8[N, H, W], for class frequencies (class_weighted, class_sampled).
   """
   mode, p = parse_mode(config.train.mode, config.loss.keep_prob)
-  num_classes = config.data.num_classes
-  if config.loss.normalization not in losses.MODES:
-    raise ValueError(
-      f"loss.normalization={config.loss.normalization!r}: use one of {losses.MODES}."
-    )
-  if config.loss.sample_cell < 1:
-    raise ValueError(f"loss.sample_cell={config.loss.sample_cell} must be >= 1 (1 = per pixel).")
-  if config.loss.class_weighting not in ("median", "inverse"):
-    raise ValueError(
-      f"loss.class_weighting={config.loss.class_weighting!r}: use median or inverse."
-    )
-  if not 0.0 < config.loss.background_keep_prob <= 1.0:
-    raise ValueError(
-      f"loss.background_keep_prob={config.loss.background_keep_prob} must be in (0, 1]."
-    )
-  spec = LossSpec(
-    mode=mode,
-    normalization=config.loss.normalization,
-    keep_prob=p,
-    sample_cell=config.loss.sample_cell,
-  )
+  num_classes, c = config.data.num_classes, config.loss
+  if c.normalization not in losses.MODES:
+    raise ValueError(f"loss.normalization={c.normalization!r}: use one of {losses.MODES}.")
+  if c.sample_cell < 1:
+    raise ValueError(f"loss.sample_cell={c.sample_cell} must be >= 1 (1 = per pixel).")
+  if c.class_weighting not in ("median", "inverse"):
+    raise ValueError(f"loss.class_weighting={c.class_weighting!r}: use median or inverse.")
+  if not 0.0 < c.background_keep_prob <= 1.0:
+    raise ValueError(f"loss.background_keep_prob={c.background_keep_prob} must be in (0, 1].")
+  spec = dict(mode=mode, normalization=c.normalization, keep_prob=p, sample_cell=c.sample_cell)
   height, width = train_labels.shape[1:]
   batch, crop, factor = config.train.batch_size, None, 1.0
   if mode == "loss_sampling":
@@ -193,19 +163,10 @@ def resolve(config, train_labels) -> tuple[LossSpec, int, int | None]:
       raise ValueError(f"data.crop_size={crop} must be in [1, {min(height, width)}] (image size).")
     factor = height * width / crop**2
   elif mode == "class_weighted":
-    counts = segmentation.class_frequencies(train_labels, num_classes, normalize=False)
-    present = None
-    if config.loss.class_weighting == "median":  # Eigen & Fergus (2015): freq per image holding c
-      has = np.stack([(train_labels == c).any(axis=(1, 2)) for c in range(num_classes)])
-      per_image = (train_labels != IGNORE).sum(axis=(1, 2))
-      present = (has * per_image[None]).sum(axis=1)
-    w = losses.class_weights_from_counts(
-      counts, method=config.loss.class_weighting, present_pixels=present
-    )
-    spec = dataclasses.replace(spec, class_weights=tuple(float(x) for x in np.asarray(w)))
+    method = c.class_weighting
+    spec["class_weights"] = fcn.class_weights(train_labels, num_classes, method=method)
   elif mode == "class_sampled":
-    probs = (config.loss.background_keep_prob,) + (1.0,) * (num_classes - 1)
-    spec = dataclasses.replace(spec, class_keep_probs=probs)
+    spec["class_keep_probs"] = (c.background_keep_prob,) + (1.0,) * (num_classes - 1)
   if config.train.raise_batch and factor != 1.0:
     # Round up to whole rows per device, so the batch still shards evenly.
     n = jax.device_count()
@@ -215,52 +176,13 @@ def resolve(config, train_labels) -> tuple[LossSpec, int, int | None]:
       f"the training batch ({batch}) exceeds the training set "
       f"({train_labels.shape[0]} images); raise data.train_size."
     )
-  return spec, batch, crop
+  return fcn.LossSpec(**spec), batch, crop
 
 
-def pixel_loss(logits, labels, key, spec: LossSpec, *, train: bool):
-  """Per-pixel cross-entropy terms and metrics as `(total, weight)` pairs.
-
-  logits: f32[B, H, W, C]; labels: i32[B, H, W] (255 = ignore); key: PRNG key (loss sampling).
-  Returns (terms, metrics): {'xent'} and {'pixel_acc', 'kept_fraction'}. Out of training (and
-  in `full`/`patchwise`) every non-ignored pixel counts with weight 1.
-  """
-  valid = labels != IGNORE
-  keep, weights = None, None
-  if train and spec.mode == "loss_sampling":
-    if spec.sample_cell == 1:
-      keep = sampling.bernoulli_keep(key, valid, spec.keep_prob)
-    else:  # one draw per s x s block: closer to dropping a coarse output cell of the net
-      b, h, w = labels.shape
-      s = spec.sample_cell
-      cells = sampling.bernoulli_keep(
-        key, jnp.ones((b, -(-h // s), -(-w // s)), bool), spec.keep_prob
-      )
-      keep = valid & jnp.repeat(jnp.repeat(cells, s, axis=1), s, axis=2)[:, :h, :w]
-  elif train and spec.mode == "class_sampled":
-    keep = sampling.class_rebalanced_keep(key, labels, valid, jnp.asarray(spec.class_keep_probs))
-  if train and spec.mode == "class_weighted":
-    weights = jnp.asarray(spec.class_weights, jnp.float32)
-  xent = losses.dense_xent(
-    logits,
-    labels,
-    ignore_label=IGNORE,
-    class_weights=weights,
-    keep=keep,
-    mode=spec.normalization if train else "token_mean",
-  )
-  counted = valid if keep is None else keep
-  aux = {
-    "pixel_acc": losses.masked_accuracy(logits, labels, valid),
-    "kept_fraction": (jnp.sum(counted, dtype=jnp.float32), jnp.sum(valid, dtype=jnp.float32)),
-  }
-  return {"xent": xent}, aux
-
-
-def build_model(config) -> FCN:
+def make_model(config) -> fcn.FCN:
   m = config.model
-  return FCN(
-    FCNConfig(
+  return fcn.FCN(
+    fcn.FCNConfig(
       num_classes=config.data.num_classes,
       widths=tuple(m.widths),
       skips=m.skips,
@@ -271,54 +193,12 @@ def build_model(config) -> FCN:
   )
 
 
-def make_loss(model: FCN, spec: LossSpec):
-  """The Task loss: `(params, model_state, batch, key, *, train) -> (terms, metrics, state)`."""
-
-  def loss(params, model_state, batch, key, *, train):
-    rngs = {"dropout": jax.random.fold_in(key, 1)} if train and model.config.dropout_rate else {}
-    logits = model.apply({"params": params}, batch["image"], train=train, rngs=rngs)
-    terms, aux = pixel_loss(logits, batch["label"], key, spec, train=train)
-    return terms, aux, model_state
-
-  return loss
-
-
-def make_eval_sums(model: FCN):
-  """Held-out sums at full resolution: the confusion matrix i32[C, C] and the cross-entropy
-  pair; `eval_finish` turns the matrix into the four scores of §4 (in float64, on the host).
-
-  Filler rows of the last batch (valid False) become all-ignore, so they count nowhere.
-  """
-
-  def eval_sums(params, model_state, batch, key):
-    del model_state, key
-    valid = batch["valid"][:, None, None]
-    labels = jnp.where(valid, batch["label"].astype(jnp.int32), IGNORE)
-    logits = model.apply({"params": params}, batch["image"], train=False)
-    confusion = metrics.confusion_matrix(jnp.argmax(logits, -1), labels, model.config.num_classes)
-    return {"confusion": confusion, "xent": losses.dense_xent(logits, labels, ignore_label=IGNORE)}
-
-  return eval_sums
-
-
-def eval_finish(sums) -> dict[str, float]:
-  """mean_iou, pixel_acc, mean_acc and fw_iou from the summed confusion matrix."""
-  return metrics.segmentation_scores(sums["confusion"])
-
-
-def load_data(config):
+def make_data(config):
   """(train_images, train_labels, eval_images, eval_labels): f32[N, H, W, 3] and u8[N, H, W]."""
   d = config.data
   if d.path:
     images, labels = segmentation.load_folder(d.path, num_classes=d.num_classes)
-    order = np.random.default_rng(d.seed).permutation(len(labels))
-    n_eval = max(1, int(round(d.eval_fraction * len(labels))))
-    if n_eval >= len(labels):
-      raise ValueError(
-        f"data.eval_fraction={d.eval_fraction} leaves no training images "
-        f"in {d.path!r} ({len(labels)} images)."
-      )
-    tr, ev = order[n_eval:], order[:n_eval]
+    tr, ev = user_files.split_held_out(len(labels), d.eval_fraction, seed=d.seed, what="images")
     return images[tr], labels[tr], images[ev], labels[ev]
   kw = dict(height=d.height, width=d.width, num_classes=d.num_classes)
   train_images, train_labels = segmentation.make_dataset(d.train_size, seed=d.seed, **kw)
@@ -326,61 +206,12 @@ def load_data(config):
   return train_images, train_labels, eval_images, eval_labels
 
 
-def write_prediction_grid(path, images, labels, preds, num_classes, title=""):
-  """PNG grid, one row per image: input / ground truth / prediction (void = white).
-
-  images: f32[N, H, W, 3]; labels, preds: int[N, H, W].
-  """
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  from matplotlib.colors import ListedColormap
-
-  colours = [(0.1, 0.1, 0.1)] + [plt.get_cmap("tab10")(i)[:3] for i in range(num_classes - 1)]
-  cmap = ListedColormap(colours + [(1.0, 1.0, 1.0)])
-  to_index = lambda x: np.where(x == IGNORE, num_classes, x)
-  n = len(images)
-  fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
-  for i in range(n):
-    panels = (images[i], to_index(labels[i]), to_index(preds[i]))
-    for j, (ax, panel, name) in enumerate(
-      zip(axes[i], panels, ("input", "ground truth", "prediction"))
-    ):
-      if j == 0:
-        ax.imshow(np.clip(panel, 0, 1), interpolation="nearest")
-      else:
-        ax.imshow(panel, cmap=cmap, vmin=0, vmax=num_classes, interpolation="nearest")
-      ax.set_axis_off()
-      if i == 0:
-        ax.set_title(name, fontsize=9)
-  if title:
-    fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
-
-
-def _speed(workdir, batch) -> dict[str, float]:
-  """images/s (median over log intervals: compile and resume intervals are outliers) and the
-  run's wall time (training, compile, evaluation and checkpoints, summed over resumes)."""
-  records = progress.read_metrics(workdir)
-  rates = [r["steps_per_s"] for r in records if isinstance(r.get("steps_per_s"), float)]
-  times = [r["time"] for r in records]
-  return {
-    "images_per_s": float(np.median(rates)) * batch if rates else float("nan"),
-    "wall_s": max(times) if times else float("nan"),
-  }
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  train_images, train_labels, eval_images, eval_labels = load_data(config)
+  train_images, train_labels, eval_images, eval_labels = make_data(config)
   spec, batch, crop = resolve(config, train_labels)
-  model = build_model(config)
-  proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  model = make_model(config)
   train_data = segmentation.SegmentationBatches(
-    train_images, train_labels, batch_size=batch, seed=config.seed, crop=crop, **proc
+    train_images, train_labels, batch_size=batch, seed=config.seed, crop=crop
   )
   eval_batches = evaluation.fixed_batches(
     {"image": eval_images, "label": eval_labels}, config.data.eval_batch_size
@@ -392,26 +223,32 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   task = train.Task(
     init=init,
-    loss=make_loss(model, spec),
+    loss=fcn.make_loss(model, spec),
     optimizer=optax.adam(config.train.learning_rate),
     train_data=train_data,
     eval_data=lambda: eval_batches,
-    eval_sums=make_eval_sums(model),
-    eval_finish=eval_finish,
+    eval_sums=fcn.make_eval_sums(model),
+    eval_finish=fcn.eval_finish,
   )
   state, final = train.train(
     task, train.LoopOptions.from_config(config.train), workdir, seed=config.seed
   )
-  final = {**final, "train_batch": float(batch), **_speed(workdir, batch)}
+  # wall_s: the run's time with compilation, evaluation and checkpoints, summed over resumes.
+  times = [r["time"] for r in progress.read_metrics(workdir)]
+  final = {
+    **final,
+    "train_batch": float(batch),
+    "images_per_s": common.per_second(final, batch),
+    "wall_s": max(times, default=float("nan")),
+  }
   k = min(config.viz.num_images, len(eval_labels))
   if k and jax.process_index() == 0:
-    apply = jax.jit(lambda p, x: jnp.argmax(model.apply({"params": p}, x, train=False), -1))
-    preds = np.asarray(apply(sharding.to_host(state.params), eval_images[:k]))
-    write_prediction_grid(
+    preds = fcn.make_segmenter(model)(sharding.to_host(state.params), eval_images[:k])
+    images.write_prediction_grid(
       os.path.join(workdir, "predictions.png"),
       eval_images[:k],
       eval_labels[:k],
-      preds,
+      np.asarray(preds),
       config.data.num_classes,
       title=f"{config.train.mode}: held-out mean IoU "
       f"{final.get('eval/mean_iou', float('nan')):.3f}",
@@ -429,26 +266,17 @@ def predict(config, workdir: str, lines: list[str], *, out_dir: str = "predictio
   over the image); one {"image", "labels", "overlay", "class_pixels": [C counts]} per image.
   """
   params = restore.restore_params(workdir).params
-  model = build_model(config)
+  model = make_model(config)
   paths = user_files.expand_paths(lines, images.EXTENSIONS, what="image")
   stems = user_files.output_stems(paths)
   # Every image is read and checked before the first output is written.
   pixels = [images.read_rgb(p, min_side=model.config.stride) for p in paths]
-  segment = jax.jit(lambda p, x: jnp.argmax(model.apply({"params": p}, x, train=False), -1))
+  segment = fcn.make_segmenter(model)
   colours = images.palette(config.data.num_classes)
   os.makedirs(out_dir, exist_ok=True)
   out = []
   for path, stem, image in zip(paths, stems, pixels):
     labels = np.asarray(segment(params, image[None]))[0]  # i32[H, W]
-    base = os.path.join(out_dir, stem)
-    out.append(
-      {
-        "image": path,
-        "labels": images.write_labels_png(f"{base}_labels.png", labels, colours),
-        "overlay": images.write_rgb_png(
-          f"{base}_overlay.png", images.overlay(image, labels, colours)
-        ),
-        "class_pixels": np.bincount(labels.ravel(), minlength=colours.shape[0]).tolist(),
-      }
-    )
+    written = images.write_segmentation(os.path.join(out_dir, stem), image, labels, colours)
+    out.append({"image": path, **written})
   return out

@@ -31,17 +31,14 @@ from __future__ import annotations
 
 import os
 
-import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from experiments import common
-from maskax.masking import losses
-from maskax.training import evaluation, restore, train
 from maskax.data import iterators, synthetic, user_files
 from maskax.models import timeseries
+from maskax.training import evaluation, restore, train
 
 PRESETS = {
   "default": "GRU(32), T=64 RGB streams, rates 0-60% mixed, batch 32, 1500 steps (~45 s)",
@@ -56,9 +53,7 @@ REPORT_METRICS = tuple(
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  arg = arg or "default"
-  if arg not in PRESETS:
-    raise ValueError(f"unknown preset {arg!r}; presets: {', '.join(PRESETS)}")
+  arg = common.preset(arg, PRESETS)
   c = ml_collections.ConfigDict()
   c.seed = 0  # init and training batches
   c.data = ml_collections.ConfigDict()
@@ -97,7 +92,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   return c
 
 
-def build_model(config) -> timeseries.FeatureMaskRNN:
+def make_model(config) -> timeseries.FeatureMaskRNN:
   m = config.model
   if m.strategy not in timeseries.STRATEGIES:
     raise ValueError(
@@ -108,110 +103,60 @@ def build_model(config) -> timeseries.FeatureMaskRNN:
   )
 
 
-def _streams(config, rng, n):
+def _generator(config) -> synthetic.MissingRGB:
   d = config.data
-  return synthetic.rgb_streams(
-    rng, n, d.steps, noise=d.noise, cut_rate=d.cut_rate, wobble=d.wobble, periods=tuple(d.periods)
+  return synthetic.MissingRGB(
+    steps=d.steps,
+    noise=d.noise,
+    cut_rate=d.cut_rate,
+    wobble=d.wobble,
+    periods=tuple(d.periods),
+    step_share=d.step_share,
+    bursty=d.bursty,
+    burst_steps=d.burst_steps,
   )
 
 
-def _mask(config, rng, n, rate):
-  d = config.data
-  return synthetic.missing_mask(
-    rng, n, d.steps, rate=rate, step_share=d.step_share, bursty=d.bursty, burst_steps=d.burst_steps
-  )
+def fill_mean(config) -> jnp.ndarray:
+  """Per-channel mean f32[3] of held-aside training streams (mean_fill, GRU-D)."""
+  return jnp.asarray(_generator(config).fill_mean(config.data.seed + 2))
 
 
-def make_batch_fn(config):
-  """`(rng, n) -> {x f32[n, T, 3] (NaN where missing), mask bool[n, T, 3]}`."""
-  rates = np.asarray(config.data.train_rates, np.float64)
+def make_data(config):
+  """(training iterator, `{miss<100 r>: held-out batches}` for every r in data.eval_rates).
 
-  def make(rng, n):
-    x = _streams(config, rng, n)
-    mask = _mask(config, rng, n, rates[rng.integers(0, len(rates), size=n)])
-    return {"x": np.where(mask, x, np.nan).astype(np.float32), "mask": mask}
-
-  return make
-
-
-def fill_mean(config) -> np.ndarray:
-  """Per-channel mean of held-aside training streams: f32[3] (mean_fill, GRU-D).
-
-  Entries go missing independently of their values, so this equals the mean of the observed
-  values in expectation.
+  Training sequences draw their missing rate from data.train_rates; the held-out sets are the
+  same streams masked at each rate (iid masks are nested across rates) with `truth`, the fully
+  observed values.
   """
-  x = _streams(config, np.random.default_rng([config.data.seed + 2, 0]), 256)
-  return x.reshape(-1, 3).mean(axis=0).astype(np.float32)
-
-
-def make_loss(model, fill_value):
-  """Task loss: masked MSE of the t+1 forecast over observed target channels (token mean)."""
-
-  def loss(params, model_state, batch, key, *, train):
-    del key, train
-    pred = model.apply({"params": params}, batch["x"], batch["mask"], fill_value=fill_value)
-    observed, _ = timeseries.next_step_mse(pred, batch["x"], batch["mask"])
-    return {"mse": observed}, {}, model_state
-
-  return loss
-
-
-def eval_data(config) -> dict[str, list[dict]]:
-  """`{miss<100 r>: batches}` for every r in data.eval_rates: the same held-out streams, masked
-  at each rate (iid masks are nested across rates); `truth` holds the fully observed values."""
-  d = config.data
-  truth = _streams(config, np.random.default_rng([d.seed + 1, 0]), d.eval_size)
-  sets = {}
-  for rate in d.eval_rates:
-    mask = _mask(config, np.random.default_rng([d.seed + 1, 1]), d.eval_size, rate)
-    x = np.where(mask, truth, np.nan).astype(np.float32)
-    arrays = {"x": x, "mask": mask, "truth": truth}
-    sets[f"miss{round(100 * rate)}"] = evaluation.fixed_batches(arrays, d.eval_batch_size)
-  return sets
-
-
-def make_eval_sums(model, fill_value):
-  """Held-out MSE of the t+1 forecast over observed targets (`mse`), over every target against
-  the ground truth (`full_mse`), and of the last observed value (`last_value_mse`)."""
-
-  def eval_sums(params, model_state, batch, key):
-    del model_state, key
-    x, mask, rows = batch["x"], batch["mask"], batch["valid"][:, None, None]
-
-    def mse(pred, y, counted):  # row t forecasts t + 1; filler rows (valid False) count nowhere
-      return losses.masked_mse(pred[:, :-1], y[:, 1:], (counted & rows)[:, 1:])
-
-    pred = model.apply({"params": params}, x, mask, fill_value=fill_value)
-    last = timeseries.last_value_forecast(x, mask, fill_value=fill_value)
-    return {
-      "mse": mse(pred, x, mask),
-      "full_mse": mse(pred, batch["truth"], jnp.ones_like(mask)),
-      "last_value_mse": mse(last, x, mask),
-    }
-
-  return eval_sums
+  d, generator = config.data, _generator(config)
+  train_data = iterators.SyntheticBatches(
+    generator.batch_fn(d.train_rates), config.train.batch_size, config.seed, **common.this_process()
+  )
+  held_out = generator.held_out(d.seed + 1, d.eval_size, d.eval_rates)
+  sets = {
+    f"miss{round(100 * rate)}": evaluation.fixed_batches(arrays, d.eval_batch_size)
+    for rate, arrays in held_out.items()
+  }
+  return train_data, sets
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  model = build_model(config)
-  fill_value = jnp.asarray(fill_mean(config))
-  proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_data = iterators.SyntheticBatches(
-    make_batch_fn(config), config.train.batch_size, config.seed, **proc
-  )
+  model = make_model(config)
+  fill_value = fill_mean(config)
+  train_data, sets = make_data(config)
 
   def init(key):
     x = jnp.zeros((1, config.data.steps, 3), jnp.float32)
     return model.init(key, x, jnp.ones(x.shape, jnp.bool_), fill_value=fill_value)["params"], {}
 
-  sets = eval_data(config)
   task = train.Task(
     init=init,
-    loss=make_loss(model, fill_value),
+    loss=timeseries.make_loss(model, fill_value),
     optimizer=optax.adam(config.train.learning_rate),
     train_data=train_data,
     eval_data=lambda: sets,
-    eval_sums=make_eval_sums(model, fill_value),
+    eval_sums=timeseries.make_eval_sums(model, fill_value),
   )
   _, final = train.train(
     task, train.LoopOptions.from_config(config.train), workdir, seed=config.seed
@@ -230,20 +175,15 @@ def predict(config, workdir: str, lines: list[str], *, out_dir: str = "predictio
   when none is observed).
   """
   params = restore.restore_params(workdir).params
-  model = build_model(config)
-  fill_value = jnp.asarray(fill_mean(config))
+  forecast = timeseries.make_forecaster(make_model(config), fill_mean(config))
   paths = user_files.expand_paths(lines, user_files.SEQUENCE_EXTENSIONS, what="sequence")
   stems = user_files.output_stems(paths)
   files = [user_files.read_masked(p, features=3) for p in paths]  # the model's RGB channels
-  forecast = jax.jit(lambda p, x, mask: model.apply({"params": p}, x, mask, fill_value=fill_value))
   os.makedirs(out_dir, exist_ok=True)
   out = []
   for path, stem, f in zip(paths, stems, files):
-    x, mask, lengths = f["values"], f["mask"], f["lengths"]
-    pred = np.asarray(forecast(params, x, mask))
-    pred = np.where((np.arange(x.shape[1]) < lengths[:, None])[..., None], pred, np.nan)
-    observed = mask[:, 1:]  # row t forecasts t + 1: score the next values that exist
-    sq = np.where(observed, (pred[:, :-1] - np.where(mask, x, 0.0)[:, 1:]) ** 2, 0.0)
+    x, mask = f["values"], f["mask"]
+    pred, mse = forecast(params, x, mask, f["lengths"])
     output = user_files.write_npz(os.path.join(out_dir, f"{stem}_pred.npz"), forecast=pred)
     out.append(
       {
@@ -252,7 +192,7 @@ def predict(config, workdir: str, lines: list[str], *, out_dir: str = "predictio
         "rows": x.shape[0],
         "steps": x.shape[1],
         "observed_fraction": float(mask.mean()),
-        "next_step_mse": float(sq.sum() / observed.sum()) if observed.any() else None,
+        "next_step_mse": mse,
       }
     )
   return out

@@ -40,11 +40,12 @@ import numpy as np
 import optax
 
 from experiments import common
-from maskax.masking import losses, masks
-from maskax.training import evaluation, restore, train
 from maskax.data import iterators, synthetic, user_files
-from maskax.models.padded_gru import Masking, PaddedGRUClassifier, apply
 from maskax.data.iterators import bucket_boundaries, bucket_for
+from maskax.masking import losses, masks
+from maskax.models import padded_gru
+from maskax.models.padded_gru import Masking, PaddedGRUClassifier, apply
+from maskax.training import evaluation, restore, train
 
 PRESETS = {
   "default": "conv(2)-BN-ReLU-GRU(32), lengths 5-200, batch 32, 500 steps (~1.5 min on CPU)",
@@ -75,9 +76,7 @@ VARIANTS = {
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  arg = arg or "default"
-  if arg not in PRESETS:
-    raise ValueError(f"unknown preset {arg!r}; presets: {', '.join(PRESETS)}")
+  arg = common.preset(arg, PRESETS)
   c = ml_collections.ConfigDict()
   c.seed = 0  # init and training batches
   c.data = ml_collections.ConfigDict()
@@ -120,7 +119,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   return c
 
 
-def build_model(config) -> PaddedGRUClassifier:
+def make_model(config) -> PaddedGRUClassifier:
   if config.ablation.variant not in VARIANTS:
     raise ValueError(
       f"ablation.variant={config.ablation.variant!r}: use one of {', '.join(VARIANTS)}."
@@ -156,16 +155,6 @@ def make_loss(model):
   return loss
 
 
-def pad_batch(seqs: dict, steps: int) -> dict:
-  """Crops or zero-pads x f32[n, T0, F] and labels i32[n, T0] (edge-padded) to `steps`."""
-  x, labels = seqs["x"][:, :steps], seqs["labels"][:, :steps]
-  extra = steps - x.shape[1]
-  if extra > 0:
-    x = np.pad(x, ((0, 0), (0, extra), (0, 0)))
-    labels = np.pad(labels, ((0, 0), (0, extra)), mode="edge")
-  return {"x": x, "labels": labels, "lengths": seqs["lengths"]}
-
-
 def make_data(config):
   """(make_batch(rng, n) for SyntheticBatches, held-out batches, held-out facts, boundaries).
 
@@ -188,7 +177,7 @@ def make_data(config):
 
   def make_batch(rng, n):
     seqs = synthetic.drift_recall_sequences(rng, n, **kw)
-    return pad_batch(seqs, bucket_for(int(seqs["lengths"].max()), boundaries))
+    return synthetic.pad_sequences(seqs, bucket_for(int(seqs["lengths"].max()), boundaries))
 
   held_out = synthetic.drift_recall_sequences(
     np.random.default_rng([d.seed + 1, 0]), d.eval_size, **kw
@@ -199,7 +188,7 @@ def make_data(config):
   batches = evaluation.fixed_batches(rows, d.eval_batch_size)
   for i, batch in enumerate(batches):
     members = rows["lengths"][i * d.eval_batch_size : (i + 1) * d.eval_batch_size]
-    batch.update(pad_batch(batch, bucket_for(int(members.max()), boundaries)))
+    batch.update(synthetic.pad_sequences(batch, bucket_for(int(members.max()), boundaries)))
   valid = np.arange(x.shape[1])[None] < lengths[:, None]
   facts = {
     "keras_mask_rows": float(np.any(np.all(x == 0, axis=-1) & valid, axis=-1).mean()),
@@ -251,10 +240,11 @@ def make_eval_sums(model, pad_factors):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  model = build_model(config)
+  model = make_model(config)
   make_batch, eval_batches, facts, boundaries = make_data(config)
-  proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_data = iterators.SyntheticBatches(make_batch, config.train.batch_size, config.seed, **proc)
+  train_data = iterators.SyntheticBatches(
+    make_batch, config.train.batch_size, config.seed, **common.this_process()
+  )
 
   def init(key):
     x = jnp.zeros((2, boundaries[0], config.data.features), jnp.float32)
@@ -285,20 +275,15 @@ def predict(config, workdir: str, lines: list[str], *, out_dir: str = "predictio
   "class_counts": [C counts]} per file.
   """
   trained = restore.restore_params(workdir)
-  model = build_model(config)
+  classify = padded_gru.make_classifier(make_model(config))
   paths = user_files.expand_paths(lines, user_files.SEQUENCE_EXTENSIONS, what="sequence")
   stems = user_files.output_stems(paths)
   files = [user_files.read_sequences(p, features=config.data.features) for p in paths]
 
-  @jax.jit
-  def classify(params, model_state, x, lengths):
-    valid = masks.sequence_mask(lengths, x.shape[1])
-    return jax.nn.softmax(apply(model, params, model_state, x, valid, train=False)[1])
-
   os.makedirs(out_dir, exist_ok=True)
   out = []
   for path, stem, seqs in zip(paths, stems, files):
-    probs = np.asarray(classify(trained.params, trained.model_state, seqs["x"], seqs["lengths"]))
+    probs = classify(trained.params, trained.model_state, seqs["x"], seqs["lengths"])
     classes = probs.argmax(-1).astype(np.int32)
     output = user_files.write_npz(
       os.path.join(out_dir, f"{stem}_pred.npz"), probs=probs, classes=classes

@@ -24,20 +24,17 @@ answer is one digit string out of up to 10^9). Ablation tables: the README's seq
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from experiments import common
-from maskax.rnn import decoding
-from maskax.training import restore, train
 from maskax.data import iterators, translation
 from maskax.models import seq2seq
+from maskax.training import evaluation, restore, train
 
 PRESETS = {
   "default": "GRU 128 + Luong attention, numbers up to 9 digits, 1,500 steps (~65 s, 2-core CPU)",
@@ -67,9 +64,7 @@ VOCAB_FILE = "vocab.json"  # in the workdir: both vocabularies, written when tra
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  arg = arg or "default"
-  if arg not in PRESETS:
-    raise ValueError(f"unknown preset {arg!r}; presets: {', '.join(PRESETS)}")
+  arg = common.preset(arg, PRESETS)
   c = ml_collections.ConfigDict()
   c.seed = 0  # init, batch order and sampled-softmax candidates derive from it
   c.data = ml_collections.ConfigDict()
@@ -150,244 +145,118 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   return c
 
 
-def load_pairs(config):
-  """(train pairs, held-out pairs) of token lists, from the generator or the user's file."""
+def _pairs(config) -> tuple[list, list]:
+  """(training pairs, held-out pairs) of token lists, from the generator or the user's file."""
   d = config.data
   if d.path:
-    pairs = translation.load_tsv(d.path)
-    order = np.random.default_rng([d.seed, 5]).permutation(len(pairs))
-    n_eval = max(1, int(round(len(pairs) * d.eval_fraction)))
-    if n_eval >= len(pairs):
-      raise ValueError(f"data.eval_fraction={d.eval_fraction} leaves no training pair")
-    return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
+    return translation.split_pairs(translation.load_tsv(d.path), d.eval_fraction, seed=d.seed)
   styles = tuple(s.strip() for s in d.styles.split(","))
-  train_pairs, numbers = translation.generate_numbers(
-    d.num_train, seed=d.seed, max_digits=d.max_digits, styles=styles
+  return translation.number_pairs(
+    d.num_train, d.num_eval, seed=d.seed, max_digits=d.max_digits, styles=styles
   )
-  eval_pairs, _ = translation.generate_numbers(
-    d.num_eval, seed=d.seed + 1, max_digits=d.max_digits, styles=styles, exclude=frozenset(numbers)
-  )
-  return train_pairs, eval_pairs
 
 
-def build_data(config):
-  """Vocabularies, training arrays and bucketed held-out batches."""
+def make_data(config) -> translation.TranslationData:
+  """Vocabularies, training arrays and held-out batches in source-length buckets."""
   d = config.data
-  train_pairs, eval_pairs = load_pairs(config)
-  src_vocab, tgt_vocab = vocabularies(config, train_pairs)
-  lengths = dict(max_source_len=d.max_source_len, max_target_len=d.max_target_len)
-  train_arrays, dropped = translation.encode_pairs(train_pairs, src_vocab, tgt_vocab, **lengths)
-  eval_arrays, eval_dropped = translation.encode_pairs(eval_pairs, src_vocab, tgt_vocab, **lengths)
-  logging.info(
-    "vocabularies: source %d ids (%d real), target %d ids (%d real); pairs: %d train, "
-    "%d held out; dropped as too long: %d train, %d held out",
-    len(src_vocab),
-    src_vocab.num_real,
-    len(tgt_vocab),
-    tgt_vocab.num_real,
-    len(train_arrays["source"]),
-    len(eval_arrays["source"]),
-    dropped,
-    eval_dropped,
-  )
-  if not len(eval_arrays["source"]):
-    raise ValueError("no held-out pair fits data.max_source_len / data.max_target_len")
-  boundaries = iterators.bucket_boundaries(d.max_source_len, d.num_buckets)
-  eval_batches = translation.bucket_batches(eval_arrays, config.train.batch_size, boundaries)
-  shapes = sorted({b["source"].shape for b in eval_batches})
-  logging.info(
-    "held-out source buckets %s: %d compiled shapes each for eval_step and decoding "
-    "(training: one shape [%d, %d])",
-    boundaries,
-    len(shapes),
-    config.train.batch_size,
-    d.max_source_len,
-  )
-  return src_vocab, tgt_vocab, train_arrays, eval_batches, len(shapes)
-
-
-def vocabularies(config, train_pairs) -> tuple[translation.Vocabulary, translation.Vocabulary]:
-  """(source, target) vocabularies of the training pairs."""
-  d = config.data
-  return (
-    translation.build_vocabulary(
-      [s for s, _ in train_pairs], size=d.vocab_size, lexicon_seed=d.seed
-    ),
-    translation.build_vocabulary(
-      [t for _, t in train_pairs], size=d.vocab_size, lexicon_seed=d.seed + 1
-    ),
+  train_pairs, eval_pairs = _pairs(config)
+  return translation.make_data(
+    train_pairs,
+    eval_pairs,
+    vocab_size=d.vocab_size,
+    vocab_seed=d.seed,
+    max_source_len=d.max_source_len,
+    max_target_len=d.max_target_len,
+    batch_size=config.train.batch_size,
+    num_buckets=d.num_buckets,
   )
 
 
-def saved_vocabularies(config, workdir: str):
-  """The run's (source, target) vocabularies: WORKDIR/vocab.json, or for a run trained before
-  it was saved, rebuilt from the data as training built them (deterministic in config.data)."""
-  path = os.path.join(workdir, VOCAB_FILE)
-  if os.path.exists(path):
-    return translation.load_vocabularies(path)
-  logging.warning(
-    "%s is missing (a run from before vocabularies were saved): rebuilding them from the data", path
-  )
-  return vocabularies(config, load_pairs(config)[0])
-
-
-def model_config(config, src_vocab, tgt_vocab) -> seq2seq.Seq2SeqConfig:
-  m = config.model
+def make_model(config, source_vocab: int, target_vocab: int) -> seq2seq.Seq2SeqConfig:
+  """The model's sizes: config.model's keys are `Seq2SeqConfig`'s fields."""
   return seq2seq.Seq2SeqConfig(
-    source_vocab=len(src_vocab),
-    target_vocab=len(tgt_vocab),
-    embed=m.embed,
-    hidden=m.hidden,
-    layers=m.layers,
-    cell=m.cell,
-    bidirectional=m.bidirectional,
-    attention=m.attention,
+    source_vocab=source_vocab, target_vocab=target_vocab, **config.model.to_dict()
   )
 
 
 def make_loss(mc, config):
-  if config.loss.softmax == "sampled" and config.loss.num_sampled >= mc.target_vocab:
-    raise ValueError(
-      f"loss.num_sampled={config.loss.num_sampled} must be below the target "
-      f"vocabulary ({mc.target_vocab}); raise data.vocab_size or use full softmax"
-    )
-
-  def loss(params, model_state, batch, key, *, train):
-    out = seq2seq.sequence_loss(
-      params,
-      mc,
-      batch,
-      softmax=config.loss.softmax if train else "full",
-      mode=config.loss.mode,
-      key=key,
-      num_sampled=config.loss.num_sampled,
-    )
-    return {"xent": out["xent"]}, {k: v for k, v in out.items() if k != "xent"}, model_state
-
-  return loss
+  c = config.loss
+  return seq2seq.make_loss(mc, softmax=c.softmax, mode=c.mode, num_sampled=c.num_sampled)
 
 
-def make_extra_eval(mc, config, tgt_vocab, src_vocab, eval_batches):
+def make_extra_eval(mc, config, data: translation.TranslationData):
   """Greedy (and beam) decoding of every held-out batch: exact match, BLEU, by source length."""
-  max_len = config.data.max_target_len + 1
-  greedy = jax.jit(functools.partial(seq2seq.translate, config=mc, max_len=max_len))
-  beam = jax.jit(
-    functools.partial(
-      seq2seq.translate,
-      config=mc,
-      max_len=max_len,
-      beam_width=config.decode.beam_width,
-      length_penalty=config.decode.length_penalty,
-    )
+  return seq2seq.make_decode_eval(
+    mc,
+    data.eval_batches,
+    data.source_vocab,
+    data.target_vocab,
+    max_len=config.data.max_target_len + 1,
+    long_threshold=config.data.long_threshold,
+    **config.decode.to_dict(),  # beam_width, length_penalty, log_examples
   )
-
-  def score(decode, params):
-    hyps, refs, long = [], [], []
-    for b in eval_batches:
-      tokens = np.asarray(decode(params, source=b["source"], source_len=b["source_len"]).tokens)
-      for row in np.flatnonzero(b["valid"]):
-        hyps.append(tgt_vocab.decode(tokens[row]))
-        refs.append(tgt_vocab.decode(b["target_out"][row]))
-        long.append(b["source_len"][row] > config.data.long_threshold)
-    exact, long = np.array(decoding.exact_match(hyps, refs)), np.array(long)
-    mean = lambda x: float(x.mean()) if x.size else float("nan")
-    return {
-      "exact_match": mean(exact),
-      "exact_len_short": mean(exact[~long]),
-      "exact_len_long": mean(exact[long]),
-      "bleu": decoding.corpus_bleu(hyps, refs),
-    }, hyps
-
-  def extra_eval(state):
-    out, hyps = score(greedy, state.params)
-    b = eval_batches[0]
-    for row in range(min(config.decode.log_examples, len(b["source"]))):
-      source = src_vocab.decode(b["source"][row][: b["source_len"][row]])
-      logging.info("translate %r -> %r", " ".join(source), " ".join(hyps[row]))
-    if config.decode.beam_width > 1:
-      beamed, _ = score(beam, state.params)
-      out.update({"exact_match_beam": beamed["exact_match"], "bleu_beam": beamed["bleu"]})
-    return out
-
-  return extra_eval
-
-
-def train_memory_mb(loss_fn, params, batch) -> float:
-  """Temporary memory (MB) XLA allocates for one gradient of the training loss on `batch`."""
-
-  def objective(p):
-    ((total, weight),) = loss_fn(p, {}, batch, jax.random.key(0), train=True)[0].values()
-    return total / weight
-
-  compiled = jax.jit(jax.grad(objective)).lower(params).compile()
-  return compiled.memory_analysis().temp_size_in_bytes / 2**20
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  src_vocab, tgt_vocab, train_arrays, eval_batches, num_shapes = build_data(config)
+  data = make_data(config)
   if jax.process_index() == 0:  # saved with the run: predict() must not depend on the data
     os.makedirs(workdir, exist_ok=True)
-    translation.save_vocabularies(os.path.join(workdir, VOCAB_FILE), src_vocab, tgt_vocab)
-  mc = model_config(config, src_vocab, tgt_vocab)
-  train_data = iterators.ArrayBatches(
-    train_arrays,
-    config.train.batch_size,
-    config.seed,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
+    vocabs = (data.source_vocab, data.target_vocab)
+    translation.save_vocabularies(os.path.join(workdir, VOCAB_FILE), *vocabs)
+  mc = make_model(config, len(data.source_vocab), len(data.target_vocab))
+  B = config.train.batch_size
   loss = make_loss(mc, config)
-  optimizer = optax.chain(
-    optax.clip_by_global_norm(config.train.grad_clip), optax.adam(config.train.learning_rate)
-  )
   task = train.Task(
     init=lambda key: (seq2seq.init_params(key, mc), {}),
     loss=loss,
-    optimizer=optimizer,
-    train_data=train_data,
-    eval_data=lambda: eval_batches,
-    extra_eval=make_extra_eval(mc, config, tgt_vocab, src_vocab, eval_batches),
+    optimizer=optax.chain(
+      optax.clip_by_global_norm(config.train.grad_clip), optax.adam(config.train.learning_rate)
+    ),
+    train_data=iterators.ArrayBatches(data.train, B, config.seed, **common.this_process()),
+    eval_data=lambda: data.eval_batches,
+    extra_eval=make_extra_eval(mc, config, data),
   )
   state, final = train.train(
     task, train.LoopOptions.from_config(config.train), workdir, seed=config.seed
   )
-  real_tokens = float(np.mean(train_arrays["source_len"] + train_arrays["target_len"]))
+  real_tokens = float(np.mean(data.train["source_len"] + data.train["target_len"]))
   rate = final.get("steps_per_s", float("nan"))
   final.update(
     {
       "params": float(seq2seq.param_count(state.params)),
       "step_ms": 1000.0 / rate if rate else float("nan"),
-      "tokens_per_s": rate * config.train.batch_size * real_tokens,
-      "eval_shapes": float(num_shapes),
-      "source_vocab": float(len(src_vocab)),
-      "target_vocab": float(len(tgt_vocab)),
+      "tokens_per_s": common.per_second(final, B * real_tokens),
+      "eval_shapes": float(data.eval_shapes),
+      "source_vocab": float(len(data.source_vocab)),
+      "target_vocab": float(len(data.target_vocab)),
     }
   )
   if config.report.train_memory:
-    batch = {k: v[: config.train.batch_size] for k, v in train_arrays.items()}
-    final["train_temp_mb"] = train_memory_mb(loss, state.params, batch)
+    batch = {k: v[:B] for k, v in data.train.items()}
+    final["train_temp_mb"] = evaluation.train_temp_mb(loss, state.params, {}, batch)
   return final
 
 
 def predict(config, workdir: str, lines: list[str]) -> list[dict]:
   """Translates each line, a source sentence of whitespace-separated words, greedily
   (decode.beam_width = 1) or by beam search (PREDICT_KEYS): one {"source", "prediction"} per
-  line. Words outside the run's source vocabulary are a ValueError naming them."""
+  line. Words outside the run's source vocabulary are a ValueError naming them. A run trained
+  before WORKDIR/vocab.json was saved gets its vocabularies rebuilt from the data."""
   params = restore.restore_params(workdir).params
-  src_vocab, tgt_vocab = saved_vocabularies(config, workdir)
-  source, source_len = translation.encode_sources([line.split() for line in lines], src_vocab)
-  if config.decode.beam_width < 1:
-    raise ValueError(f"decode.beam_width={config.decode.beam_width}: use 1 (greedy) or more.")
-  decode = jax.jit(
-    functools.partial(
-      seq2seq.translate,
-      config=model_config(config, src_vocab, tgt_vocab),
-      max_len=config.data.max_target_len + 1,
-      beam_width=config.decode.beam_width,
-      length_penalty=config.decode.length_penalty,
-    )
+  src_vocab, tgt_vocab = translation.saved_vocabularies(
+    os.path.join(workdir, VOCAB_FILE),
+    lambda: translation.build_vocabularies(
+      _pairs(config)[0], size=config.data.vocab_size, seed=config.data.seed
+    ),
   )
-  tokens = np.asarray(decode(params, source=source, source_len=source_len).tokens)
+  source, source_len = translation.encode_sources([line.split() for line in lines], src_vocab)
+  decode = seq2seq.make_decoder(
+    make_model(config, len(src_vocab), len(tgt_vocab)),
+    max_len=config.data.max_target_len + 1,
+    beam_width=config.decode.beam_width,
+    length_penalty=config.decode.length_penalty,
+  )
+  tokens = np.asarray(decode(params, source, source_len).tokens)
   return [
     {"source": line, "prediction": " ".join(tgt_vocab.decode(row))}
     for line, row in zip(lines, tokens)

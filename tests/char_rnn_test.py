@@ -219,8 +219,8 @@ def _tiny_train(workdir, stop_at):
   """Stateful smoke-sized training to step `stop_at` of a 6-step run (the schedule spans 6)."""
   config = exp.get_config("smoke")
   ids = np.random.default_rng(0).integers(1, V, size=2000).astype(np.int32)
-  model = exp.build_model(config, V)
-  task = exp.build_task(config, model, ids)
+  model = exp.make_model(config, V)
+  task = exp.make_task(config, model, ids)
   options = train.LoopOptions.from_config(
     {**config.train.to_dict(), "steps": stop_at, "async_checkpoints": False}
   )
@@ -296,7 +296,7 @@ def test_predict_samples_length_characters_after_each_prompt(trained_smoke):
   prompts = ["The ", "import os", "x"]
   out = exp.predict(config, workdir, prompts)
   assert [o["prompt"] for o in out] == prompts
-  vocab = exp.saved_vocab(workdir)
+  vocab = chars.load_vocab(os.path.join(workdir, exp.VOCAB_FILE))
   assert all(len(o["text"]) == 12 and set(o["text"]) <= set(vocab.chars) for o in out)
   assert exp.predict(config, workdir, prompts) == out  # sample_seed fixes the text
   config.sample_seed = 1

@@ -34,6 +34,26 @@ def test_split_tail_is_the_contiguous_end():
     chars.split_tail(ids, 0.0)
 
 
+def test_split_text_vocabulary_of_the_training_part_and_saved_round_trip(tmp_path):
+  vocab, train, held_out = chars.split_text("abcabcabxy", 0.2)  # held out: "xy"
+  assert vocab.chars == ("a", "b", "c")  # x and y are held out: unknown to the model
+  assert vocab.decode(train) == "abcabcab" and held_out.tolist() == [chars.UNKNOWN] * 2
+  path = str(tmp_path / "run" / "vocab.json")
+  chars.save_vocab(path, vocab)
+  assert chars.load_vocab(path) == vocab
+  again = chars.split_text("xyz" * 4, 0.25, vocab=chars.load_vocab(path))[0]
+  assert again == vocab  # a saved vocabulary wins over the text's
+  with pytest.raises(FileNotFoundError, match="missing"):
+    chars.load_vocab(str(tmp_path / "none.json"))
+
+
+def test_unigram_bpc_is_add_one_smoothed_cross_entropy():
+  train, held_out = np.array([1, 1, 1, 2]), np.array([1, 2, 2])
+  p = np.array([1, 4, 2]) / 7  # counts + 1 over V = 3 ids
+  want = -np.mean(np.log2(p[held_out]))
+  assert chars.unigram_bpc(train, held_out, 3) == pytest.approx(want)
+
+
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(2, 80), seq_len=st.integers(1, 12))
 def test_windows_shift_by_one_and_every_target_appears_once(n, seq_len):

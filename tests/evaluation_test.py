@@ -177,3 +177,14 @@ def test_the_loop_logs_eval_sums_and_finish_per_set(tmp_path):
     np.testing.assert_allclose(final[f"eval/worst_{name}"], err.max(), rtol=1e-6)
     assert final[f"eval/hist_3_{name}"] == np.sum(err >= 3.0)
   assert final["eval/hist_3_small"] < final["eval/hist_3_large"]  # the sets really differ
+
+
+def test_train_temp_mb_compiles_the_gradient_of_every_term():
+  def loss(params, model_state, batch, key, *, train):
+    y = jnp.tanh(batch["x"] @ params["w"])
+    ones = jnp.float32(y.size)
+    return {"a": (jnp.sum(y**2), ones), "b": (jnp.sum(y), ones)}, {}, model_state
+
+  params = {"w": jnp.ones((64, 64))}
+  mb = evaluation.train_temp_mb(loss, params, {}, {"x": np.ones((256, 64), np.float32)})
+  assert mb > 0.0

@@ -1,4 +1,5 @@
-"""Tests for maskax.models.fcn: any image size, no dense layers, skips, finite grads, overfits."""
+"""Tests for maskax.models.fcn: any image size, no dense layers, skips, finite grads, overfits,
+the segmenter and class weights used by experiments/fcn_segmentation.py, the prediction grid."""
 
 import dataclasses
 
@@ -8,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from maskax.models import fcn
 from maskax.models.fcn import FCN, FCNConfig
 
 # Tiny: 3 stages (total stride 8), skips fused down to stride 2 (every pool is used).
@@ -155,3 +157,39 @@ def test_bad_config_and_inputs_raise():
     FCNConfig(widths=())
   with pytest.raises(ValueError, match=r"\[B, H, W, channels\]"):
     _param_shapes(CFG, (16, 16, 3))
+
+
+def test_segmenter_is_the_argmax_of_the_logits(params):
+  x = _uniform(5, (2, 16, 24, 3))
+  labels = np.asarray(fcn.make_segmenter(FCN(CFG))(params["params"], x))
+  want = np.argmax(FCN(CFG).apply(params, x, train=False), -1)
+  assert labels.shape == (2, 16, 24)
+  np.testing.assert_array_equal(labels, want)
+
+
+def test_class_weights_count_pixels_of_images_holding_the_class():
+  labels = np.zeros((3, 4, 4), np.uint8)
+  labels[0, :2] = 1  # class 1: 8 pixels, only in image 0
+  labels[1, 0, 0] = 255  # ignored: counts nowhere
+  labels[2, :, :1] = 2  # class 2: 4 pixels, only in image 2
+  # Pixels of the images holding each class: 0 -> all 47 labelled, 1 -> 16, 2 -> 16.
+  freq = np.array([35 / 47, 8 / 16, 4 / 16])
+  median = fcn.class_weights(labels, 4, method="median")
+  np.testing.assert_allclose(median, list(np.median(freq) / freq) + [0.0], rtol=1e-6)
+  inverse = fcn.class_weights(labels, 4, method="inverse")
+  np.testing.assert_allclose(inverse, [47 / (3 * c) for c in (35, 8, 4)] + [0.0], rtol=1e-6)
+
+
+def test_prediction_grid_has_a_row_per_image(tmp_path):
+  from PIL import Image
+
+  from maskax.data import images
+
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 4, (3, 8, 8))
+  labels[0, 0] = 255
+  path = images.write_prediction_grid(
+    str(tmp_path / "grid.png"), rng.uniform(size=(3, 8, 8, 3)), labels, labels, 4, title="t"
+  )
+  with Image.open(path) as im:
+    assert im.size == (600, 3 * 200)  # 6 x 2n inches at 100 dpi

@@ -13,6 +13,7 @@ from PIL import Image
 from conftest import launch, resume_to_six
 from experiments import fcn_segmentation as fcn
 from maskax.masking import metrics
+from maskax.models import fcn as fcn_model
 from maskax.training import evaluation, restore, sharding, train
 from maskax.training.train_step import make_eval_step
 
@@ -42,7 +43,7 @@ def _labels(seed, shape=(B, H, W)):
 
 @pytest.fixture(scope="module")
 def model_and_params():
-  model = fcn.build_model(_tiny_config())
+  model = fcn.make_model(_tiny_config())
   params = jax.jit(lambda k: model.init(k, jnp.zeros((1, H, W, 3)), train=False)["params"])(_key(0))
   # Noise on every weight, then class scores centred over some images, so that the untrained
   # net predicts several classes (a non-trivial confusion matrix for the eval test).
@@ -101,8 +102,8 @@ def test_loss_sampling_at_p1_equals_the_full_loss_exactly(model_and_params, norm
   key = jax.random.key_data(jax.random.key(7))  # the loop's key type
 
   def run(mode, keep_prob):
-    spec = fcn.LossSpec(mode=mode, normalization=normalization, keep_prob=keep_prob)
-    loss = fcn.make_loss(model, spec)
+    spec = fcn_model.LossSpec(mode=mode, normalization=normalization, keep_prob=keep_prob)
+    loss = fcn_model.make_loss(model, spec)
 
     def objective(p):
       terms, aux, _ = loss(p, {}, batch, key, train=True)
@@ -150,7 +151,7 @@ def _xent_ref(logits, labels):
   ],
 )
 def test_ignored_pixels_never_count(mode, keep_prob, sample_cell):
-  spec = fcn.LossSpec(
+  spec = fcn_model.LossSpec(
     mode=mode,
     keep_prob=keep_prob,
     sample_cell=sample_cell,
@@ -164,14 +165,14 @@ def test_ignored_pixels_never_count(mode, keep_prob, sample_cell):
 
   @jax.jit
   def total_weight_grad(logits, labels):
-    f = lambda x: fcn.pixel_loss(x, labels, _key(9), spec, train=True)[0]["xent"]
+    f = lambda x: fcn_model.pixel_loss(x, labels, _key(9), spec, train=True)[0]["xent"]
     (t, w), vjp = jax.vjp(f, logits)
     return t, w, vjp((jnp.float32(1.0), jnp.float32(0.0)))[0]
 
   t, w, g = total_weight_grad(logits, labels)
   assert 0 < float(w) and np.isfinite(float(t))
   kept, valid = jax.jit(
-    lambda x: fcn.pixel_loss(x, labels, _key(9), spec, train=True)[1]["kept_fraction"]
+    lambda x: fcn_model.pixel_loss(x, labels, _key(9), spec, train=True)[1]["kept_fraction"]
   )(logits)
   assert float(valid) == np.sum(~ignored)
   assert float(kept) == (np.sum(~ignored) if mode == "class_weighted" else float(w))
@@ -211,8 +212,8 @@ def test_eval_scores_equal_scores_of_a_numpy_confusion_matrix(model_and_params):
     optimizer=None,
     train_data=None,
     eval_data=lambda: batches,
-    eval_sums=fcn.make_eval_sums(model),
-    eval_finish=fcn.eval_finish,
+    eval_sums=fcn_model.make_eval_sums(model),
+    eval_finish=fcn_model.eval_finish,
   )
   state = train.TrainState(
     step=jnp.int32(0), params=params, opt_state={}, model_state={}, key=_key(0)
@@ -234,7 +235,7 @@ def test_eval_scores_equal_scores_of_a_numpy_confusion_matrix(model_and_params):
 
 def test_fcn_runs_on_the_default_image_size():
   config = fcn.get_config()
-  model = fcn.build_model(config)
+  model = fcn.make_model(config)
   shape = (1, config.data.height, config.data.width, 3)
   x = jnp.asarray(np.random.default_rng(0).uniform(size=shape), jnp.float32)
   logits = jax.jit(lambda k, x: model.apply(model.init(k, x, train=False), x, train=False))(
@@ -257,12 +258,12 @@ def test_folder_data_split(tmp_path):
     Image.fromarray(lab, mode="L").save(tmp_path / "labels" / f"{i}.png")
   config = fcn.get_config("smoke")
   config.data.path, config.data.num_classes, config.data.eval_fraction = str(tmp_path), 3, 0.2
-  tr_x, tr_y, ev_x, ev_y = fcn.load_data(config)
+  tr_x, tr_y, ev_x, ev_y = fcn.make_data(config)
   assert tr_x.shape == (4, 12, 16, 3) and ev_y.shape == (1, 12, 16)
   assert set(np.unique(np.concatenate([tr_y, ev_y]))) <= {0, 1, 2, 255}
   config.data.num_classes = 2  # label 2 is out of range: a clear error
   with pytest.raises(ValueError, match="num_classes"):
-    fcn.load_data(config)
+    fcn.make_data(config)
 
 
 @pytest.mark.slow
@@ -334,7 +335,7 @@ def test_predict_writes_class_id_and_overlay_pngs(trained_smoke, tmp_path):
   Image.open(one).save(tmp_path / "folder" / "three.jpg")
   out = fcn.predict(config, workdir, [one, str(tmp_path / "folder")], out_dir=str(tmp_path / "out"))
   assert [os.path.basename(o["image"]) for o in out] == ["one.png", "three.jpg", "two.png"]
-  model = fcn.build_model(config)
+  model = fcn.make_model(config)
   params = restore.restore_params(workdir).params
   for o in out:
     image = np.asarray(Image.open(o["image"]).convert("RGB"), np.float32) / 255.0

@@ -102,7 +102,9 @@ def test_loss_ignores_unobserved_targets(lstm_setup):
   model, params = lstm_setup
   x, mask = _data(2)
   loss = jax.jit(
-    lambda p, b: fm.make_loss(model, jnp.asarray(FILL))(p, {}, b, None, train=True)[0]["mse"]
+    lambda p, b: timeseries.make_loss(model, jnp.asarray(FILL))(p, {}, b, None, train=True)[0][
+      "mse"
+    ]
   )
   value_and_grad = jax.jit(jax.value_and_grad(lambda p, b: loss(p, b)[0] / loss(p, b)[1]))
   base = {"x": np.where(mask, x, np.nan).astype(np.float32), "mask": mask}
@@ -149,7 +151,7 @@ def test_eval_sums_skip_filler_rows_and_score_the_baseline(lstm_setup):
     "truth": x,
     "valid": np.array([True, True, False]),
   }  # row 2 is filler: it must count nowhere
-  sums = jax.jit(fm.make_eval_sums(model, jnp.asarray(FILL)))(params, {}, batch, None)
+  sums = jax.jit(timeseries.make_eval_sums(model, jnp.asarray(FILL)))(params, {}, batch, None)
   pred = model.apply({"params": params}, x[:2], mask[:2], fill_value=FILL)
   (obs_t, obs_w), (full_t, full_w) = timeseries.next_step_mse(pred, x[:2], mask[:2])
   base = timeseries.last_value_forecast(x[:2], mask[:2], fill_value=FILL)
@@ -165,7 +167,7 @@ def test_eval_sums_skip_filler_rows_and_score_the_baseline(lstm_setup):
 
 def test_eval_data_masks_the_same_streams_at_every_rate():
   config = fm.get_config("smoke")
-  sets = fm.eval_data(config)
+  sets = fm.make_data(config)[1]
   assert list(sets) == ["miss0", "miss20", "miss40", "miss60"]
   truth = np.concatenate([b["truth"] for b in sets["miss0"]])
   for batches in sets.values():
@@ -179,15 +181,15 @@ def test_eval_data_masks_the_same_streams_at_every_rate():
 
 def test_training_batches_hide_missing_values_and_mix_rates():
   config = fm.get_config("smoke")
-  config.data.steps = 32
-  batch = fm.make_batch_fn(config)(np.random.default_rng(0), 64)
+  config.data.steps, config.train.batch_size = 32, 64
+  batch = next(fm.make_data(config)[0])
   assert batch["x"].shape == (64, 32, 3) and batch["mask"].dtype == bool
   np.testing.assert_array_equal(np.isnan(batch["x"]), ~batch["mask"])
   missing = 1.0 - batch["mask"].mean(axis=(1, 2))
   assert missing.min() == 0.0 and missing.max() > 0.45  # rates 0 .. 0.6 per sequence
   config.model.strategy = "bogus"
   with pytest.raises(ValueError, match="model.strategy='bogus'"):
-    fm.build_model(config)
+    fm.make_model(config)
 
 
 @pytest.mark.slow

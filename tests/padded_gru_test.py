@@ -164,15 +164,25 @@ def test_eval_sums_count_real_rows_and_see_no_drift_when_fully_masked(setups):
     assert float(sums["keras_drift"].value) < 1e-6
 
 
+def test_classifier_reads_the_carry_at_each_length(setups):
+  x, models = setups
+  model, params, state, predict = models["fully_masked"]
+  classify = padded_gru.make_classifier(model)
+  padded, valid = _padded(x, T + 5, np.nan)
+  probs = classify(params, state, padded, LENGTHS)
+  assert isinstance(probs, np.ndarray) and probs.shape == (B, pg.CLASSES)
+  np.testing.assert_allclose(probs, predict(params, state, padded, valid, False), rtol=1e-6)
+
+
 def test_pad_batch_and_unknown_variant():
   seqs = synthetic.drift_recall_sequences(np.random.default_rng(0), 3, max_length=10)
-  out = pg.pad_batch(seqs, 16)
+  out = synthetic.pad_sequences(seqs, 16)
   assert out["x"].shape == (3, 16, 4) and np.all(out["x"][:, 10:] == 0)
   np.testing.assert_array_equal(out["labels"][:, 10:], np.repeat(seqs["labels"][:, -1:], 6, 1))
   config = pg.get_config("smoke")
   config.ablation.variant = "bogus"
   with pytest.raises(ValueError, match="ablation.variant='bogus'"):
-    pg.build_model(config)
+    pg.make_model(config)
   with pytest.raises(ValueError, match="unknown preset"):
     pg.get_config("nope")
 

@@ -13,6 +13,7 @@ import pytest
 from conftest import launch, resume_to_six
 from experiments import seq2seq as exp
 from maskax.masking import losses
+from maskax.rnn import decoding
 from maskax.data import translation
 from maskax.models import seq2seq
 
@@ -264,25 +265,66 @@ def trained_smoke(tmp_path_factory):
   return config, workdir
 
 
+def _training_lines(config, n=12):
+  """The first n training pairs as (source line, target line), read back from the run's data."""
+  data = exp.make_data(config)
+  sources = ["  ".join(data.source_vocab.decode(s)) for s in data.train["source"][:n]]
+  return sources, [" ".join(data.target_vocab.decode(t)) for t in data.train["target_out"][:n]]
+
+
 @pytest.mark.parametrize("beam_width", [1, 2])
 def test_predict_decodes_training_pairs(trained_smoke, beam_width):
   config, workdir = trained_smoke
   config = config.copy_and_resolve_references()
   config.decode.beam_width = beam_width
-  pairs = exp.load_pairs(config)[0][:12]  # 1 to 5 words, every style
-  out = exp.predict(config, workdir, ["  ".join(source) for source, _ in pairs])
-  assert [o["source"] for o in out] == ["  ".join(source) for source, _ in pairs]
-  assert [o["prediction"] for o in out] == [" ".join(target) for _, target in pairs]
+  sources, targets = _training_lines(config)  # 1 to 5 words, every style
+  out = exp.predict(config, workdir, sources)
+  assert [o["source"] for o in out] == sources
+  assert [o["prediction"] for o in out] == targets
 
 
 def test_vocabularies_are_saved_with_the_run(trained_smoke, tmp_path):
   config, workdir = trained_smoke
   saved = translation.load_vocabularies(os.path.join(workdir, exp.VOCAB_FILE))
-  assert saved == exp.vocabularies(config, exp.load_pairs(config)[0])
+  data = exp.make_data(config)
+  assert saved == (data.source_vocab, data.target_vocab)
   # A run from before vocab.json rebuilds them from the data, the same way.
   shutil.copytree(workdir, tmp_path / "old")
   os.remove(tmp_path / "old" / exp.VOCAB_FILE)
-  assert exp.saved_vocabularies(config, str(tmp_path / "old")) == saved
+  sources = _training_lines(config)[0]
+  assert exp.predict(config, str(tmp_path / "old"), sources) == exp.predict(
+    config, workdir, sources
+  )
+
+
+def test_decoder_factory_and_scores(models):
+  config, params = models[VARIANTS[2]]
+  decode = seq2seq.make_decoder(config, max_len=5, beam_width=2)
+  direct = seq2seq.translate(params, config, SOURCE, SOURCE_LEN, max_len=5, beam_width=2)
+  np.testing.assert_array_equal(decode(params, SOURCE, SOURCE_LEN).tokens, direct.tokens)
+  with pytest.raises(ValueError, match="decode.beam_width=0"):
+    seq2seq.make_decoder(config, max_len=5, beam_width=0)
+  # Scores of a stand-in decoder that answers the references except in row 0; row 3 is filler.
+  vocab = translation.Vocabulary(tuple(f"w{i}" for i in range(VT)), VT)
+  batch = {**BATCH, "valid": np.array([True, True, True, False])}
+
+  def answer(params, source, source_len):
+    tokens = np.where(np.arange(4)[:, None] == 0, 3, TARGET_OUT)  # row 0 wrong
+    return types.SimpleNamespace(tokens=tokens)
+
+  scores, hyps = seq2seq.decode_scores(answer, params, [batch], vocab, long_threshold=2)
+  assert hyps == [["w3"] * 4, vocab.decode(TARGET_OUT[1]), vocab.decode(TARGET_OUT[2])]
+  assert scores["exact_match"] == pytest.approx(2 / 3)
+  # Sources longer than 2: rows 0 and 1 (lengths 5, 3); row 2 (length 1) is short.
+  assert scores["exact_len_long"] == 0.5 and scores["exact_len_short"] == 1.0
+  refs = [vocab.decode(TARGET_OUT[r]) for r in range(3)]
+  assert scores["bleu"] == decoding.corpus_bleu(hyps, refs)
+
+
+def test_loss_rejects_too_many_sampled_candidates():
+  config = _config("gru", False, "none")
+  with pytest.raises(ValueError, match="loss.num_sampled=7"):
+    seq2seq.make_loss(config, softmax="sampled", mode="token_mean", num_sampled=VT)
 
 
 def test_predict_input_errors_are_one_line(trained_smoke, tmp_path):

@@ -120,3 +120,23 @@ def test_missing_mask_per_row_rates_and_errors():
     synthetic.missing_mask(
       np.random.default_rng(0), 2, 4, rate=0.9, step_share=0.0, bursty=True, burst_steps=2.0
     )
+
+
+def test_missing_rgb_draws_what_the_generators_draw_with_its_settings():
+  task = synthetic.MissingRGB(steps=10, noise=0.1, cut_rate=0.2, step_share=0.5, bursty=True)
+  streams = lambda seed: synthetic.rgb_streams(
+    np.random.default_rng(seed), 6, 10, noise=0.1, cut_rate=0.2
+  )
+  held = task.held_out(4, 6, (0.0, 0.3))
+  np.testing.assert_array_equal(held[0.3]["truth"], streams([4, 0]))
+  want = synthetic.missing_mask(
+    np.random.default_rng([4, 1]), 6, 10, rate=0.3, step_share=0.5, bursty=True
+  )
+  np.testing.assert_array_equal(held[0.3]["mask"], want)
+  np.testing.assert_array_equal(np.isnan(held[0.3]["x"]), ~want)
+  assert held[0.0]["mask"].all()
+  mean = streams([7, 0]).reshape(-1, 3).mean(axis=0)
+  np.testing.assert_allclose(task.fill_mean(7, n=6), mean, rtol=1e-6)
+  batch = task.batch_fn((0.0, 0.5))(np.random.default_rng(0), 40)
+  np.testing.assert_array_equal(np.isnan(batch["x"]), ~batch["mask"])
+  assert batch["mask"].all(axis=(1, 2)).any() and not batch["mask"].all()  # rates mix per row

@@ -131,3 +131,34 @@ def test_bucket_batches_cover_every_row_once_in_few_shapes():
     seen += rows(b["source"][v], b["source_len"][v], b["target_out"][v])
   assert len({b["source"].shape for b in batches}) <= len(boundaries)
   assert sorted(seen) == sorted(rows(arrays["source"], arrays["source_len"], arrays["target_out"]))
+
+
+def test_split_pairs_is_seeded_disjoint_and_checked():
+  pairs = [([f"s{i}"], [f"t{i}"]) for i in range(40)]
+  train, held_out = tr.split_pairs(pairs, 0.1, seed=3)
+  assert len(held_out) == 4 and sorted(train + held_out) == sorted(pairs)
+  assert tr.split_pairs(pairs, 0.1, seed=3) == (train, held_out)
+  assert tr.split_pairs(pairs, 0.1, seed=4) != (train, held_out)
+  with pytest.raises(ValueError, match="data.eval_fraction=1.0"):
+    tr.split_pairs(pairs, 1.0, seed=3)
+
+
+def test_saved_vocabularies_read_the_file_or_rebuild(tmp_path):
+  pairs, _ = tr.generate_numbers(30, seed=1, max_digits=3)
+  built = tr.build_vocabularies(pairs, size=0, seed=0)
+  path = str(tmp_path / "vocab.json")
+  assert tr.saved_vocabularies(path, lambda: built) == built  # missing: rebuilt
+  tr.save_vocabularies(path, *built)
+  assert tr.saved_vocabularies(path, lambda: pytest.fail("rebuilt")) == built
+
+
+def test_make_data_buckets_the_held_out_pairs():
+  train, held_out = tr.number_pairs(64, 20, seed=2, max_digits=5)
+  kw = dict(vocab_size=0, vocab_seed=0, max_source_len=12, max_target_len=7, batch_size=8)
+  data = tr.make_data(train, held_out, num_buckets=3, **kw)
+  assert data.source_vocab == tr.build_vocabularies(train, size=0, seed=0)[0]
+  assert data.train["source"].shape == (64, 12)
+  assert data.eval_shapes == len({b["source"].shape for b in data.eval_batches}) > 1
+  assert sum(int(b["valid"].sum()) for b in data.eval_batches) == 20
+  with pytest.raises(ValueError, match="no held-out pair fits data.max_source_len"):
+    tr.make_data(train, [(["one"] * 20, ["1"])], num_buckets=3, **kw)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -90,6 +91,36 @@ def split_tail(ids: np.ndarray, eval_fraction: float) -> tuple[np.ndarray, np.nd
       f"data.eval_fraction={eval_fraction}; give a longer text."
     )
   return ids[:cut], ids[cut:]
+
+
+def split_text(text: str, eval_fraction: float, *, vocab: CharVocab | None = None):
+  """(vocab, train ids i32[N], held-out ids i32[M]) of a text: the held-out part is its last
+  `eval_fraction` (`split_tail`); without `vocab`, the vocabulary of the training part."""
+  cut = len(text) - int(round(len(text) * eval_fraction))
+  vocab = vocab or build_vocab(text[:cut])
+  return (vocab, *split_tail(vocab.encode(text), eval_fraction))
+
+
+def save_vocab(path: str, vocab: CharVocab) -> None:
+  """Writes `vocab` to `path` (JSON), creating its folder: a run's vocabulary, saved with it so
+  that generation reads and writes the ids the model learned."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(vocab.to_json())
+
+
+def load_vocab(path: str) -> CharVocab:
+  """The vocabulary `save_vocab` wrote; FileNotFoundError when the run has none."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: the run's vocabulary is needed to read text.")
+  with open(path, encoding="utf-8") as f:
+    return CharVocab.from_json(f.read())
+
+
+def unigram_bpc(train_ids, held_out, vocab_size: int) -> float:
+  """Held-out bits/char of the training unigram distribution (add-one): the bar to beat."""
+  counts = np.bincount(train_ids, minlength=vocab_size) + 1.0
+  return float(-np.mean(np.log2(counts / counts.sum())[held_out]))
 
 
 def _check_len(n: int, seq_len: int, what: str) -> None:

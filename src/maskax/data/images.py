@@ -1,4 +1,4 @@
-"""Images in and out of a segmentation model: RGB reading, label PNGs and colour overlays.
+"""Images in and out of a segmentation model: RGB reading, label PNGs, colour overlays, grids.
 
 Label maps are written as palette PNGs (mode P): the pixel values are the class ids, so
 `np.asarray(PIL.Image.open(path))` gives them back (and `segmentation.load_folder` reads them
@@ -77,6 +77,55 @@ def write_rgb_png(path: str, pixels: np.ndarray) -> str:
   from PIL import Image
 
   return _save(Image.fromarray(np.asarray(pixels, np.uint8), mode="RGB"), path)
+
+
+def write_segmentation(base: str, image: np.ndarray, labels: np.ndarray, colours) -> dict:
+  """Writes `<base>_labels.png` (class ids, `write_labels_png`) and `<base>_overlay.png` (the
+  classes tinted over `image` f32[H, W, 3]) for labels int[H, W]; returns {"labels", "overlay",
+  "class_pixels": pixels of each of the C classes of `colours` u8[C, 3]}."""
+  return {
+    "labels": write_labels_png(f"{base}_labels.png", labels, colours),
+    "overlay": write_rgb_png(f"{base}_overlay.png", overlay(image, labels, colours)),
+    "class_pixels": np.bincount(np.ravel(labels), minlength=len(colours)).tolist(),
+  }
+
+
+def write_prediction_grid(
+  path: str, images, labels, preds, num_classes: int, *, ignore_label: int = 255, title: str = ""
+) -> str:
+  """A PNG grid, one row per image: input / ground truth / prediction (ignored pixels white).
+
+  images: f32[N, H, W, 3] in [0, 1]; labels, preds: int[N, H, W].
+  """
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib.colors import ListedColormap
+
+  colours = [(0.1, 0.1, 0.1)] + [plt.get_cmap("tab10")(i)[:3] for i in range(num_classes - 1)]
+  cmap = ListedColormap(colours + [(1.0, 1.0, 1.0)])
+  to_index = lambda x: np.where(x == ignore_label, num_classes, x)
+  n = len(images)
+  fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
+  for i in range(n):
+    panels = (images[i], to_index(labels[i]), to_index(preds[i]))
+    for j, (ax, panel, name) in enumerate(
+      zip(axes[i], panels, ("input", "ground truth", "prediction"))
+    ):
+      if j == 0:
+        ax.imshow(np.clip(panel, 0, 1), interpolation="nearest")
+      else:
+        ax.imshow(panel, cmap=cmap, vmin=0, vmax=num_classes, interpolation="nearest")
+      ax.set_axis_off()
+      if i == 0:
+        ax.set_title(name, fontsize=9)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
 
 
 def _save(im, path: str) -> str:

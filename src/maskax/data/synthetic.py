@@ -8,10 +8,13 @@ batch i), so the same seed gives the same arrays on every machine and process.
   valid step (the sign of channel 1 there), with optional real all-zero steps ("blackouts").
 - `rgb_streams` and `missing_mask` (experiments/feature_mask.py): smooth RGB trajectories with
   noise and scene cuts, and validity masks with channels missing at random or in bursts and
-  some whole steps missing.
+  some whole steps missing; `MissingRGB` holds one task's settings of both and draws the
+  training batches, the held-out sets and the fill mean from them.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -165,3 +168,86 @@ def missing_mask(
     start_missing = ~missing[:, t - 1] & (u[:, t] < p_drop[:, 0])
     missing[:, t] = stay_missing | start_missing
   return ~missing & step_ok[..., None]
+
+
+def pad_sequences(seqs: dict, steps: int) -> dict:
+  """Crops or zero-pads `drift_recall_sequences` output to `steps`: x f32[n, T0, F] with zeros,
+  labels i32[n, T0] by repeating the last label (padded steps keep the sequence's class).
+  Returns {x, labels, lengths}."""
+  x, labels = seqs["x"][:, :steps], seqs["labels"][:, :steps]
+  extra = steps - x.shape[1]
+  if extra > 0:
+    x = np.pad(x, ((0, 0), (0, extra), (0, 0)))
+    labels = np.pad(labels, ((0, 0), (0, extra)), mode="edge")
+  return {"x": x, "labels": labels, "lengths": seqs["lengths"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class MissingRGB:
+  """RGB streams (`rgb_streams`) with entries missing (`missing_mask`): one task's settings.
+
+  Missing entries hold NaN in what it returns: a model must never read them.
+  """
+
+  steps: int  # T
+  noise: float = 0.05
+  cut_rate: float = 0.01
+  wobble: float = 0.3
+  periods: tuple[float, float] = (6.0, 20.0)
+  step_share: float = 0.25
+  bursty: bool = False
+  burst_steps: float = 8.0
+
+  def streams(self, rng: np.random.Generator, n: int) -> np.ndarray:
+    """The fully observed values f32[n, T, 3]."""
+    return rgb_streams(
+      rng,
+      n,
+      self.steps,
+      noise=self.noise,
+      cut_rate=self.cut_rate,
+      wobble=self.wobble,
+      periods=tuple(self.periods),
+    )
+
+  def mask(self, rng: np.random.Generator, n: int, rate) -> np.ndarray:
+    """bool[n, T, 3], True = observed; `rate` a float or f64[n]."""
+    return missing_mask(
+      rng,
+      n,
+      self.steps,
+      rate=rate,
+      step_share=self.step_share,
+      bursty=self.bursty,
+      burst_steps=self.burst_steps,
+    )
+
+  def batch_fn(self, rates):
+    """`(rng, n) -> {x f32[n, T, 3] (NaN where missing), mask bool[n, T, 3]}` for
+    `maskax.data.iterators.SyntheticBatches`: each sequence draws its rate from `rates`."""
+    rates = np.asarray(rates, np.float64)
+
+    def make(rng, n):
+      x = self.streams(rng, n)
+      mask = self.mask(rng, n, rates[rng.integers(0, len(rates), size=n)])
+      return {"x": np.where(mask, x, np.nan).astype(np.float32), "mask": mask}
+
+    return make
+
+  def held_out(self, seed: int, n: int, rates) -> dict[float, dict[str, np.ndarray]]:
+    """`{rate: {x, mask, truth}}`: the same `n` streams (`truth`, fully observed) masked at
+    each rate; iid masks are nested across rates (`missing_mask`)."""
+    truth = self.streams(np.random.default_rng([seed, 0]), n)
+    out = {}
+    for rate in rates:
+      mask = self.mask(np.random.default_rng([seed, 1]), n, rate)
+      out[rate] = {"x": np.where(mask, truth, np.nan).astype(np.float32), "mask": mask}
+      out[rate]["truth"] = truth
+    return out
+
+  def fill_mean(self, seed: int, n: int = 256) -> np.ndarray:
+    """Per-channel mean f32[3] of `n` streams drawn aside (mean_fill, GRU-D). Entries go
+    missing independently of their values, so this equals the mean of the observed values in
+    expectation."""
+    x = self.streams(np.random.default_rng([seed, 0]), n)
+    return x.reshape(-1, 3).mean(axis=0).astype(np.float32)

@@ -27,8 +27,9 @@ import json
 import os
 
 import numpy as np
+from absl import logging
 
-from maskax.data import iterators
+from maskax.data import iterators, user_files
 from maskax.masking.tokens import EOS, GO, PAD, SPECIALS, UNK
 
 STYLES = ("british", "american", "digits", "mixed")
@@ -312,3 +313,103 @@ def bucket_batches(arrays, batch_size: int, boundaries) -> list[dict]:
     part["source"] = part["source"][:, :size]
     batches += iterators.fixed_batches(part, batch_size)
   return batches
+
+
+def number_pairs(
+  num_train: int, num_eval: int, *, seed: int, max_digits: int, styles=STYLES
+) -> tuple[list, list]:
+  """(training pairs, held-out pairs) of the generated task; held-out numbers never occur in
+  training, and both splits are a pure function of `seed`."""
+  train, numbers = generate_numbers(num_train, seed=seed, max_digits=max_digits, styles=styles)
+  held_out, _ = generate_numbers(
+    num_eval, seed=seed + 1, max_digits=max_digits, styles=styles, exclude=frozenset(numbers)
+  )
+  return train, held_out
+
+
+def split_pairs(pairs, eval_fraction: float, *, seed: int) -> tuple[list, list]:
+  """(training pairs, held-out pairs) of a user's file: a seeded random `eval_fraction`."""
+  train, held_out = user_files.split_held_out(
+    len(pairs), eval_fraction, seed=[seed, 5], what="pairs"
+  )
+  return [pairs[i] for i in train], [pairs[i] for i in held_out]
+
+
+def build_vocabularies(train_pairs, *, size: int, seed: int) -> tuple[Vocabulary, Vocabulary]:
+  """(source, target) vocabularies of the training pairs (`build_vocabulary` per side)."""
+  return (
+    build_vocabulary([s for s, _ in train_pairs], size=size, lexicon_seed=seed),
+    build_vocabulary([t for _, t in train_pairs], size=size, lexicon_seed=seed + 1),
+  )
+
+
+def saved_vocabularies(path: str, rebuild) -> tuple[Vocabulary, Vocabulary]:
+  """A run's (source, target) vocabularies from `path` (`save_vocabularies`), or for a run
+  trained before they were saved, `rebuild()`: built from the data as training built them."""
+  if os.path.exists(path):
+    return load_vocabularies(path)
+  logging.warning(
+    "%s is missing (a run from before vocabularies were saved): rebuilding them from the data", path
+  )
+  return rebuild()
+
+
+@dataclasses.dataclass
+class TranslationData:
+  """What a seq2seq run trains and evaluates on (`make_data`).
+
+  train: `encode_pairs` arrays of the training pairs; eval_batches: `bucket_batches` of the
+  held-out pairs; eval_shapes: how many source shapes those batches have (compiled shapes).
+  """
+
+  source_vocab: Vocabulary
+  target_vocab: Vocabulary
+  train: dict
+  eval_batches: list
+  eval_shapes: int
+
+
+def make_data(
+  train_pairs,
+  eval_pairs,
+  *,
+  vocab_size: int,
+  vocab_seed: int,
+  max_source_len: int,
+  max_target_len: int,
+  batch_size: int,
+  num_buckets: int,
+) -> TranslationData:
+  """Builds the vocabularies of the training pairs (`build_vocabularies`), encodes both splits
+  (pairs too long are dropped, and counted in the log) and groups the held-out pairs into
+  `num_buckets` source-length buckets of `batch_size` rows."""
+  src_vocab, tgt_vocab = build_vocabularies(train_pairs, size=vocab_size, seed=vocab_seed)
+  lengths = dict(max_source_len=max_source_len, max_target_len=max_target_len)
+  train_arrays, dropped = encode_pairs(train_pairs, src_vocab, tgt_vocab, **lengths)
+  eval_arrays, eval_dropped = encode_pairs(eval_pairs, src_vocab, tgt_vocab, **lengths)
+  logging.info(
+    "vocabularies: source %d ids (%d real), target %d ids (%d real); pairs: %d train, "
+    "%d held out; dropped as too long: %d train, %d held out",
+    len(src_vocab),
+    src_vocab.num_real,
+    len(tgt_vocab),
+    tgt_vocab.num_real,
+    len(train_arrays["source"]),
+    len(eval_arrays["source"]),
+    dropped,
+    eval_dropped,
+  )
+  if not len(eval_arrays["source"]):
+    raise ValueError("no held-out pair fits data.max_source_len / data.max_target_len")
+  boundaries = iterators.bucket_boundaries(max_source_len, num_buckets)
+  eval_batches = bucket_batches(eval_arrays, batch_size, boundaries)
+  shapes = len({b["source"].shape for b in eval_batches})
+  logging.info(
+    "held-out source buckets %s: %d compiled shapes each for eval_step and decoding "
+    "(training: one shape [%d, %d])",
+    boundaries,
+    shapes,
+    batch_size,
+    max_source_len,
+  )
+  return TranslationData(src_vocab, tgt_vocab, train_arrays, eval_batches, shapes)

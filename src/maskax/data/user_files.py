@@ -191,3 +191,21 @@ def read_masked(path: str, *, features: int) -> dict[str, np.ndarray]:
     "mask": mask,
     "lengths": lengths,
   }
+
+
+def split_held_out(
+  n: int, eval_fraction: float, *, seed, what: str
+) -> tuple[np.ndarray, np.ndarray]:
+  """A seeded split of a user's `n` examples: (train indices, held-out indices).
+
+  The held-out share is round(n * eval_fraction), at least one example; `seed` is anything
+  `np.random.default_rng` takes. Raises a ValueError naming `data.eval_fraction` when nothing
+  would be left to train on.
+  """
+  order = np.random.default_rng(seed).permutation(n)
+  n_eval = max(1, int(round(n * eval_fraction)))
+  if n_eval >= n:
+    raise ValueError(
+      f"data.eval_fraction={eval_fraction} leaves no training {what} ({n} in all); lower it."
+    )
+  return order[n_eval:], order[:n_eval]

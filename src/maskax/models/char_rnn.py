@@ -10,12 +10,15 @@ from the carry a prompt leaves behind.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from maskax.data import chars
 from maskax.masking import losses, sampling
 from maskax.rnn import cells
 from maskax.rnn.scan import StackedRNN
@@ -162,3 +165,65 @@ def stream_xent(model: CharRNN, params, inputs, targets, mask=None):
 def bits_per_char(nats_total, weight):
   """(total nats, weight) -> (total bits, weight): the pair a loop averages into bits/char."""
   return nats_total / math.log(2.0), weight
+
+
+def make_sampler(model: CharRNN, vocab: chars.CharVocab, *, temperature: float, top_k: int):
+  """`sample(params, prompts, steps, key) -> list of str`: `generate` jitted (once per number
+  of steps and prompt shape) on a ragged batch of prompts, row keys split from `key`; the
+  unknown character is never sampled."""
+  gen = jax.jit(functools.partial(generate, model), static_argnames=("steps", "top_k"))
+
+  def sample(params, prompts, steps, key):
+    ids, lengths = chars.pad_prompts(prompts, vocab)
+    keys = row_keys(key, len(prompts))
+    tokens, _ = gen(
+      params,
+      ids,
+      lengths,
+      keys,
+      steps=steps,
+      temperature=temperature,
+      top_k=top_k,
+      banned=vocab.banned(),
+    )
+    return [vocab.decode(row) for row in np.asarray(tokens)]
+
+  return sample
+
+
+def make_eval_sums(model: CharRNN):
+  """The training loop's `eval_sums` over `stream_windows` batches (inputs, targets
+  i32[B, K, T]): xent and bits/char pairs with the carry reset per window (`_reset`) and
+  carried across (`_carried`)."""
+
+  def eval_sums(params, model_state, batch, key):
+    del model_state, key
+    sums = stream_xent(model, params, batch["inputs"], batch["targets"])
+    return {
+      **{f"xent_{k}": pair for k, pair in sums.items()},
+      **{f"bpc_{k}": bits_per_char(*pair) for k, pair in sums.items()},
+    }
+
+  return eval_sums
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def continuation_bpc(model: CharRNN, params, segments, context: int):
+  """Held-out bits/char of a continuation after a reset state vs after a long context.
+
+  segments: i32[B, C + L + 1], the first C = `context` characters the context. Scores the
+  characters segments[:, C:] by teacher forcing: `reset` reads only the last context character
+  from a zero carry, `carried` reads the whole context first. Returns {reset, carried}: f32[].
+  Jitted (the model and `context` static).
+  """
+  inputs, targets = segments[:, :-1], segments[:, 1:]
+  after = jnp.arange(inputs.shape[1])[None, :] >= context - 1
+  mask = jnp.broadcast_to(after, inputs.shape)
+  logits, _ = model.apply({"params": params}, inputs)
+  carried = losses.masked_xent(logits, targets, mask)
+  logits, _ = model.apply({"params": params}, inputs[:, context - 1 :])
+  reset = losses.masked_xent(logits, targets[:, context - 1 :], mask[:, context - 1 :])
+  return {
+    name: losses.safe_div(*pair) / np.log(2.0)
+    for name, pair in (("reset", reset), ("carried", carried))
+  }

@@ -5,6 +5,12 @@ strides 2, 4, ..., 2**S. A 1x1 conv scores the C classes at the coarsest stride;
 paper's skip architecture (§4.2), scores from finer pools are added after a 2x bilinear
 upsampling, down to stride `skips`, and the sum is bilinearly upsampled to the input size. There
 are no dense layers, so the same parameters run on any image size.
+
+Besides the net: the per-pixel training loss of the paper's comparison (`LossSpec`,
+`pixel_loss`, `make_loss`: full images, loss sampling, class weighting or class-rebalanced
+sampling, §3.4 and §4.3), the held-out evaluation at full resolution (`make_eval_sums`,
+`eval_finish`: a confusion matrix summed by the training loop's evaluator, finished into the
+four scores of §4) and the jitted segmenter used for prediction (`make_segmenter`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from maskax.data import segmentation
+from maskax.masking import losses, metrics, sampling
+
+IGNORE = metrics.IGNORE_LABEL  # label of pixels that count nowhere (void, object borders)
+LOSS_MODES = ("full", "loss_sampling", "patchwise", "class_weighted", "class_sampled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,3 +124,118 @@ class FCN(nn.Module):
       scores = _upsample(scores, pool.shape[1], pool.shape[2]) + skip
     logits = _upsample(scores.astype(jnp.float32), height + ph, width + pw)
     return logits[:, :height, :width, :]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+  """How the training loss counts pixels.
+
+  mode: one of LOSS_MODES (`patchwise` crops the data; its loss is `full`'s).
+  normalization: a `losses.MODES` name, for training (evaluation is always token_mean).
+  keep_prob, sample_cell: loss_sampling keeps each s x s cell of valid pixels with probability p.
+  class_weights / class_keep_probs: C floats (class_weighted / class_sampled), else None.
+  """
+
+  mode: str
+  normalization: str = "token_mean"
+  keep_prob: float = 1.0
+  sample_cell: int = 1
+  class_weights: tuple[float, ...] | None = None
+  class_keep_probs: tuple[float, ...] | None = None
+
+
+def class_weights(labels, num_classes: int, *, method: str) -> tuple[float, ...]:
+  """Class-balancing weights of a training set's labels u8[N, H, W] (`LossSpec.class_weights`).
+
+  'median' (Eigen & Fergus 2015): a class's frequency counts the pixels of the images that hold
+  it; 'inverse': over every labelled pixel (`losses.class_weights_from_counts`).
+  """
+  counts = segmentation.class_frequencies(labels, num_classes, normalize=False)
+  present = None
+  if method == "median":
+    has = np.stack([(labels == c).any(axis=(1, 2)) for c in range(num_classes)])
+    per_image = (labels != IGNORE).sum(axis=(1, 2))
+    present = (has * per_image[None]).sum(axis=1)
+  w = losses.class_weights_from_counts(counts, method=method, present_pixels=present)
+  return tuple(float(x) for x in np.asarray(w))
+
+
+def pixel_loss(logits, labels, key, spec: LossSpec, *, train: bool):
+  """Per-pixel cross-entropy terms and metrics as `(total, weight)` pairs.
+
+  logits: f32[B, H, W, C]; labels: i32[B, H, W] (255 = ignore); key: PRNG key (loss sampling).
+  Returns (terms, metrics): {'xent'} and {'pixel_acc', 'kept_fraction'}. Out of training (and
+  in `full`/`patchwise`) every non-ignored pixel counts with weight 1.
+  """
+  valid = labels != IGNORE
+  keep, weights = None, None
+  if train and spec.mode == "loss_sampling":
+    if spec.sample_cell == 1:
+      keep = sampling.bernoulli_keep(key, valid, spec.keep_prob)
+    else:  # one draw per s x s block: closer to dropping a coarse output cell of the net
+      b, h, w = labels.shape
+      s = spec.sample_cell
+      cells = sampling.bernoulli_keep(
+        key, jnp.ones((b, -(-h // s), -(-w // s)), bool), spec.keep_prob
+      )
+      keep = valid & jnp.repeat(jnp.repeat(cells, s, axis=1), s, axis=2)[:, :h, :w]
+  elif train and spec.mode == "class_sampled":
+    keep = sampling.class_rebalanced_keep(key, labels, valid, jnp.asarray(spec.class_keep_probs))
+  if train and spec.mode == "class_weighted":
+    weights = jnp.asarray(spec.class_weights, jnp.float32)
+  xent = losses.dense_xent(
+    logits,
+    labels,
+    ignore_label=IGNORE,
+    class_weights=weights,
+    keep=keep,
+    mode=spec.normalization if train else "token_mean",
+  )
+  counted = valid if keep is None else keep
+  aux = {
+    "pixel_acc": losses.masked_accuracy(logits, labels, valid),
+    "kept_fraction": (jnp.sum(counted, dtype=jnp.float32), jnp.sum(valid, dtype=jnp.float32)),
+  }
+  return {"xent": xent}, aux
+
+
+def make_loss(model: FCN, spec: LossSpec):
+  """The training loop's loss: `(params, model_state, batch, key, *, train) -> (terms,
+  metrics, model_state)` over batch {image f32[B, H, W, 3], label u8/i32[B, H, W]}."""
+
+  def loss(params, model_state, batch, key, *, train):
+    rngs = {"dropout": jax.random.fold_in(key, 1)} if train and model.config.dropout_rate else {}
+    logits = model.apply({"params": params}, batch["image"], train=train, rngs=rngs)
+    terms, aux = pixel_loss(logits, batch["label"], key, spec, train=train)
+    return terms, aux, model_state
+
+  return loss
+
+
+def make_eval_sums(model: FCN):
+  """Held-out sums at full resolution: the confusion matrix i32[C, C] and the cross-entropy
+  pair; `eval_finish` turns the matrix into the four scores of §4 (in float64, on the host).
+
+  Filler rows of the last batch (valid False) become all-ignore, so they count nowhere.
+  """
+
+  def eval_sums(params, model_state, batch, key):
+    del model_state, key
+    valid = batch["valid"][:, None, None]
+    labels = jnp.where(valid, batch["label"].astype(jnp.int32), IGNORE)
+    logits = model.apply({"params": params}, batch["image"], train=False)
+    confusion = metrics.confusion_matrix(jnp.argmax(logits, -1), labels, model.config.num_classes)
+    return {"confusion": confusion, "xent": losses.dense_xent(logits, labels, ignore_label=IGNORE)}
+
+  return eval_sums
+
+
+def eval_finish(sums) -> dict[str, float]:
+  """mean_iou, pixel_acc, mean_acc and fw_iou from the summed confusion matrix."""
+  return metrics.segmentation_scores(sums["confusion"])
+
+
+def make_segmenter(model: FCN):
+  """`segment(params, images f32[N, H, W, 3]) -> class ids i32[N, H, W]`, jitted (once per
+  image size)."""
+  return jax.jit(lambda params, x: jnp.argmax(model.apply({"params": params}, x, train=False), -1))

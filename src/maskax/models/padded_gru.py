@@ -12,7 +12,10 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
+import jax
+import numpy as np
 
+from maskax.masking import masks
 from maskax.rnn import layers
 from maskax.rnn.scan import PaddedRNN
 
@@ -82,3 +85,16 @@ def apply(model: PaddedGRUClassifier, params, model_state, x, step_mask, *, trai
     return (*model.apply(variables, x, step_mask, train=False), model_state)
   out, updates = model.apply(variables, x, step_mask, train=True, mutable=["batch_stats"])
   return (*out, {**model_state, **updates})
+
+
+def make_classifier(model: PaddedGRUClassifier):
+  """`classify(params, model_state, x f32[B, T, F], lengths i32[B]) -> probs f32[B, C]` on the
+  host: class probabilities from the carry at each row's last valid step, jitted once per
+  shape, running statistics for batch norm."""
+
+  @jax.jit
+  def probs(params, model_state, x, lengths):
+    valid = masks.sequence_mask(lengths, x.shape[1])
+    return jax.nn.softmax(apply(model, params, model_state, x, valid, train=False)[1])
+
+  return lambda params, model_state, x, lengths: np.asarray(probs(params, model_state, x, lengths))

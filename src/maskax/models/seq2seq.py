@@ -29,10 +29,13 @@ tokens only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from absl import logging
 from jax import lax
 
 from maskax.masking import losses, masks, sampling
@@ -298,6 +301,31 @@ def sequence_loss(
   return {"xent": xent}
 
 
+def make_loss(config: Seq2SeqConfig, *, softmax: str, mode: str, num_sampled: int):
+  """A training-loop loss `(params, model_state, batch, key, *, train) -> (terms, metrics,
+  model_state)`: `sequence_loss` with `softmax` in training and the full softmax in evaluation;
+  the term is {"xent"}, token accuracy a logged metric."""
+  if softmax == "sampled" and num_sampled >= config.target_vocab:
+    raise ValueError(
+      f"loss.num_sampled={num_sampled} must be below the target "
+      f"vocabulary ({config.target_vocab}); raise data.vocab_size or use full softmax"
+    )
+
+  def loss(params, model_state, batch, key, *, train):
+    out = sequence_loss(
+      params,
+      config,
+      batch,
+      softmax=softmax if train else "full",
+      mode=mode,
+      key=key,
+      num_sampled=num_sampled,
+    )
+    return {"xent": out["xent"]}, {k: v for k, v in out.items() if k != "xent"}, model_state
+
+  return loss
+
+
 def step_fn(config: Seq2SeqConfig):
   """The `decoding` step function: (params, memory, state, token) -> (logits, state)."""
 
@@ -336,3 +364,85 @@ def translate(
     length_penalty=length_penalty,
     **options,
   )
+
+
+def make_decoder(
+  config: Seq2SeqConfig, *, max_len: int, beam_width: int = 1, length_penalty: float = 0.6
+):
+  """`decode(params, source, source_len) -> decoding.Decoded`: `translate` jitted once for
+  these options (it compiles once per source shape). beam_width 1 is greedy."""
+  if beam_width < 1:
+    raise ValueError(f"decode.beam_width={beam_width}: use 1 (greedy) or more.")
+  translate_ = functools.partial(
+    translate,
+    config=config,
+    max_len=max_len,
+    beam_width=beam_width,
+    length_penalty=length_penalty,
+  )
+  return jax.jit(
+    lambda params, source, source_len: translate_(params, source=source, source_len=source_len)
+  )
+
+
+def decode_scores(decode, params, batches, target_vocab, *, long_threshold: int):
+  """Decodes every held-out batch and scores the real rows (`valid`) against `target_out`.
+
+  decode: from `make_decoder`; batches: dicts with source i32[B, S], source_len i32[B],
+  target_out i32[B, T] and valid bool[B]; target_vocab: a `maskax.data.translation.Vocabulary`.
+  Returns ({exact_match, exact_len_short, exact_len_long, bleu}, hypotheses as word lists in
+  row order), where `_long` counts sources longer than `long_threshold` (NaN for an empty group).
+  """
+  hyps, refs, long = [], [], []
+  for b in batches:
+    tokens = np.asarray(decode(params, b["source"], b["source_len"]).tokens)
+    for row in np.flatnonzero(b["valid"]):
+      hyps.append(target_vocab.decode(tokens[row]))
+      refs.append(target_vocab.decode(b["target_out"][row]))
+      long.append(b["source_len"][row] > long_threshold)
+  exact, long = np.array(decoding.exact_match(hyps, refs)), np.array(long, bool)
+  mean = lambda x: float(x.mean()) if x.size else float("nan")
+  scores = {
+    "exact_match": mean(exact),
+    "exact_len_short": mean(exact[~long]),
+    "exact_len_long": mean(exact[long]),
+    "bleu": decoding.corpus_bleu(hyps, refs),
+  }
+  return scores, hyps
+
+
+def make_decode_eval(
+  config: Seq2SeqConfig,
+  batches,
+  source_vocab,
+  target_vocab,
+  *,
+  max_len: int,
+  beam_width: int,
+  length_penalty: float,
+  long_threshold: int,
+  log_examples: int,
+):
+  """`extra_eval(state) -> {name: float}` for the training loop: greedy decoding of every
+  held-out batch scored by `decode_scores`, and with beam_width > 1 beam search too
+  (`exact_match_beam`, `bleu_beam`). Logs the first `log_examples` greedy translations."""
+  greedy = make_decoder(config, max_len=max_len)
+  beam = beam_width > 1 and make_decoder(
+    config, max_len=max_len, beam_width=beam_width, length_penalty=length_penalty
+  )
+  score = functools.partial(
+    decode_scores, batches=batches, target_vocab=target_vocab, long_threshold=long_threshold
+  )
+
+  def extra_eval(state):
+    out, hyps = score(greedy, state.params)
+    b = batches[0]
+    for row in range(min(log_examples, len(b["source"]))):
+      source = source_vocab.decode(b["source"][row][: b["source_len"][row]])
+      logging.info("translate %r -> %r", " ".join(source), " ".join(hyps[row]))
+    if beam:
+      beamed, _ = score(beam, state.params)
+      out.update({"exact_match_beam": beamed["exact_match"], "bleu_beam": beamed["bleu"]})
+    return out
+
+  return extra_eval

@@ -19,6 +19,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from maskax.masking import losses, masks
 from maskax.rnn.scan import PaddedRNN
@@ -129,3 +130,55 @@ class FeatureMaskRNN(nn.Module):
       inputs, mask=step_mask
     )
     return nn.Dense(x.shape[-1], name="head")(h)
+
+
+def make_loss(model: FeatureMaskRNN, fill_value):
+  """The training loop's loss: masked MSE of the t+1 forecast over observed target channels
+  (token mean) of a batch {x f32[B, T, F] (any value where missing), mask bool[B, T, F]}."""
+
+  def loss(params, model_state, batch, key, *, train):
+    del key, train
+    pred = model.apply({"params": params}, batch["x"], batch["mask"], fill_value=fill_value)
+    observed, _ = next_step_mse(pred, batch["x"], batch["mask"])
+    return {"mse": observed}, {}, model_state
+
+  return loss
+
+
+def make_eval_sums(model: FeatureMaskRNN, fill_value):
+  """The training loop's `eval_sums` over held-out batches {x, mask, truth f32[B, T, F] (fully
+  observed), valid bool[B]}: MSE of the t+1 forecast over observed targets (`mse`), over every
+  target against the truth (`full_mse`), and of the last observed value (`last_value_mse`)."""
+
+  def eval_sums(params, model_state, batch, key):
+    del model_state, key
+    x, mask, rows = batch["x"], batch["mask"], batch["valid"][:, None, None]
+
+    def mse(pred, y, counted):  # row t forecasts t + 1; filler rows (valid False) count nowhere
+      return losses.masked_mse(pred[:, :-1], y[:, 1:], (counted & rows)[:, 1:])
+
+    pred = model.apply({"params": params}, x, mask, fill_value=fill_value)
+    last = last_value_forecast(x, mask, fill_value=fill_value)
+    return {
+      "mse": mse(pred, x, mask),
+      "full_mse": mse(pred, batch["truth"], jnp.ones_like(mask)),
+      "last_value_mse": mse(last, x, mask),
+    }
+
+  return eval_sums
+
+
+def make_forecaster(model: FeatureMaskRNN, fill_value):
+  """`forecast(params, x f32[B, T, F], mask bool[B, T, F], lengths i32[B]) -> (f32[B, T, F],
+  next-step MSE over the observed next values or None)` on the host: the model jitted once per
+  shape, NaN past each sequence's length (row t forecasts step t + 1)."""
+  apply = jax.jit(lambda p, x, mask: model.apply({"params": p}, x, mask, fill_value=fill_value))
+
+  def forecast(params, x, mask, lengths):
+    pred = np.asarray(apply(params, x, mask))
+    pred = np.where((np.arange(x.shape[1]) < lengths[:, None])[..., None], pred, np.nan)
+    observed = mask[:, 1:]  # row t forecasts t + 1: score the next values that exist
+    sq = np.where(observed, (pred[:, :-1] - np.where(mask, x, 0.0)[:, 1:]) ** 2, 0.0)
+    return pred, (float(sq.sum() / observed.sum()) if observed.any() else None)
+
+  return forecast

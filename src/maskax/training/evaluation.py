@@ -155,3 +155,15 @@ class Evaluator:
       suffix = f"_{name}" if name else ""
       metrics.update({k + suffix: v for k, v in report(sums, self._finish).items()})
     return metrics
+
+
+def train_temp_mb(loss, params, model_state, batch) -> float:
+  """Temporary memory (MB) XLA allocates for one gradient of a `Task.loss` on one host batch:
+  the objective the train step differentiates, the sum of every term's total / weight."""
+
+  def objective(p):
+    terms = loss(p, model_state, batch, jax.random.key(0), train=True)[0]
+    return sum(safe_div(total, weight) for total, weight in terms.values())
+
+  compiled = jax.jit(jax.grad(objective)).lower(params).compile()
+  return compiled.memory_analysis().temp_size_in_bytes / 2**20

@@ -183,7 +183,7 @@ def read_losses(workdir) -> dict:
 # The uninterrupted run the preemption and multi-process tests compare with: 20 steps of the
 # example experiment, a loss record per step, checkpoints every 5 steps.
 SMOKE20 = (
-  "--config=experiments/example_regression.py:smoke",
+  "--config=tests/fixtures/debug_regression.py:smoke",
   "--config.train.steps=20",
   "--config.train.log_every=1",
   "--config.train.checkpoint_every=5",

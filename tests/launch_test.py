@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, launch, launch_here
 from maskax.training import progress
 
-SMOKE = "--config=experiments/example_regression.py:smoke"
+SMOKE = "--config=tests/fixtures/debug_regression.py:smoke"  # the template + test-only hooks
 
 
 def _losses(workdir):

@@ -11,7 +11,7 @@ from conftest import SMOKE20, launch, launch_here, read_losses, spawn
 from maskax.training import checkpoint as ckpt_lib
 from maskax.training import progress, runs
 
-SMOKE = "--config=experiments/example_regression.py:smoke"
+SMOKE = "--config=tests/fixtures/debug_regression.py:smoke"  # the template + test-only hooks
 
 
 def test_a_torn_last_metrics_line_is_dropped_and_repaired(tmp_path, caplog):

@@ -91,7 +91,7 @@ def test_hold_releases_on_exit_and_on_error(tmp_path):
 
 
 SMOKE = (
-  "--config=experiments/example_regression.py:smoke",
+  "--config=tests/fixtures/debug_regression.py:smoke",
   "--config.train.steps=40",
   "--config.train.log_every=1",
   "--config.debug.step_delay_s=0.1",

@@ -199,7 +199,7 @@ def use_trained(module, name: str, config, workdir: str, options: Options) -> No
     lines = [line.rstrip("\n") for line in f if line.strip()]
   if not lines:
     raise ValueError(f"--predict={options.predict} holds no input lines.")
-  options = {}
+  kwargs = {}
   if "out_dir" in inspect.signature(module.predict).parameters:  # its predictions are files
     out_dir = os.path.realpath(options.predict_out)
     if os.path.commonpath([out_dir, os.path.realpath(workdir)]) == os.path.realpath(workdir):
@@ -207,6 +207,6 @@ def use_trained(module, name: str, config, workdir: str, options: Options) -> No
         f"--predict_out={options.predict_out} lies in the workdir {workdir}; "
         "predictions never go into the training record: pick another folder."
       )
-    options["out_dir"] = options.predict_out
-  for record in module.predict(config, workdir, lines, **options):
+    kwargs["out_dir"] = options.predict_out
+  for record in module.predict(config, workdir, lines, **kwargs):
     print(json.dumps(record))

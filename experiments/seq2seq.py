@@ -2,8 +2,8 @@
 
 Trains the encoder-decoder of `maskax.models.seq2seq` on a generated translation task: English
 number names in four styles -> digits with thousands separators (`maskax.data.translation`),
-or on a user's tab-separated parallel text (`--config.data.path=FILE`). The cell size H is the
-size of the state h (and c for an LSTM): every recurrent matrix is [., G*H] whatever the input
+or on a user's tab-separated parallel text (`--config.data.path=FILE`). The cell size D is the
+size of the state h (and c for an LSTM): every recurrent matrix is [., G*D] whatever the input
 width E, which only sets the rows of the input kernel; the notes list every shape.
 
   python launch.py --config=experiments/seq2seq.py                  # default: learns in minutes
@@ -84,7 +84,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.cell = "gru"  # gru | lstm
   c.model.embed = 64  # E, embedding size (rows of the input kernel)
-  c.model.hidden = 128  # H, cell size: the state vector h (and c)
+  c.model.hidden = 128  # D, cell size: the state vector h (and c)
   c.model.layers = 1  # stacked layers in encoder and decoder
   c.model.bidirectional = False  # bidirectional encoder (carry handed over as fwd + bwd)
   c.model.attention = "luong"  # none | luong | bahdanau

@@ -1,25 +1,25 @@
 """Encoder-decoder translation model (the TF seq2seq tutorial's), as pure functions over a dict.
 
-The *cell size* H is the size of the state vector h (and of c for an LSTM): it fixes every
+The *cell size* D is the size of the state vector h (and of c for an LSTM): it fixes every
 recurrent matrix and is independent of the input size, which only sets the rows of the input
 kernel. The embedding matrix [V, E] turns a token id into the E-wide input vector (row lookup).
-Letters: H is the cell size (the D of `maskax.rnn.cells`; the tutorial's name), E the embedding
-size, S source and T target steps, G = 3 gates (GRU) or 4 (LSTM), M = H (2H with a
+Letters: D is the cell size (as in `maskax.rnn.cells`; the tutorial calls it H), E the embedding
+size, S source and T target steps, G = 3 gates (GRU) or 4 (LSTM), M = D (2D with a
 bidirectional encoder) the width attention reads, l = 0 .. L-1 the layer:
 
   source_embedding   f32[V_s, E]          target_embedding  f32[V_t, E]
-  encoder/layer_l    w_i f32[E or H (2H if bidirectional), G*H] (E for l = 0), b_i f32[G*H],
-                     w_h f32[H, G*H], b_h f32[G*H]; {fwd, bwd} of these when bidirectional
-  decoder/layer_l    w_i f32[E (+ M with bahdanau) or H, G*H], b_i, w_h f32[H, G*H], b_h
-  attention luong    w f32[H, M]                                     score = h^T W m ('general')
-            bahdanau w_query f32[H, H], w_memory f32[M, H], v f32[H]   score = v . tanh(Wq s + Wm m)
-            both     combine_w f32[M + H, H], combine_b f32[H]         h~ = tanh([ctx; h] Wc + bc)
-  output_w           f32[V_t, H] (one row per class, as sampled softmax wants), output_b f32[V_t]
+  encoder/layer_l    w_i f32[E or D (2D if bidirectional), G*D] (E for l = 0), b_i f32[G*D],
+                     w_h f32[D, G*D], b_h f32[G*D]; {fwd, bwd} of these when bidirectional
+  decoder/layer_l    w_i f32[E (+ M with bahdanau) or D, G*D], b_i, w_h f32[D, G*D], b_h
+  attention luong    w f32[D, M]                                     score = h^T W m ('general')
+            bahdanau w_query f32[D, D], w_memory f32[M, D], v f32[D]   score = v . tanh(Wq s + Wm m)
+            both     combine_w f32[M + D, D], combine_b f32[D]         h~ = tanh([ctx; h] Wc + bc)
+  output_w           f32[V_t, D] (one row per class, as sampled softmax wants), output_b f32[V_t]
 
-`w_i` stacked on `w_h` is TF's fused gate kernel: [E + H, 3H] for a GRU layer on embeddings
+`w_i` stacked on `w_h` is TF's fused gate kernel: [E + D, 3D] for a GRU layer on embeddings
 (maskax.rnn.cells keeps two biases, as flax and PyTorch do). The decoder starts from the encoder's
 final carry, layer by layer (a bidirectional encoder hands over carry_fwd + carry_bwd, so the
-decoder keeps size H). Luong attention (Luong et al. 2015, no input feeding) attends from the
+decoder keeps size D). Luong attention (Luong et al. 2015, no input feeding) attends from the
 decoder's output h_t, so the decoder itself is one padded scan; Bahdanau attention (Bahdanau
 et al. 2015) attends from s_{t-1} and feeds the context into the cell, so it runs step by step.
 Padded source positions get no attention weight (the source mask); the loss counts real target
@@ -48,7 +48,7 @@ SOFTMAXES = ("full", "sampled")
 
 @dataclasses.dataclass(frozen=True)
 class Seq2SeqConfig:
-  """Sizes and variants; `hidden` (H, the cell size) and `embed` (E) are separate knobs."""
+  """Sizes and variants; `hidden` (D, the cell size) and `embed` (E) are separate knobs."""
 
   source_vocab: int
   target_vocab: int
@@ -84,7 +84,7 @@ def _normal(key, shape, fan_in):
 
 def init_params(key, config: Seq2SeqConfig) -> dict:
   """Fresh parameters with the shapes in the module docstring."""
-  c, H, E, M = config, config.hidden, config.embed, config.memory
+  c, D, E, M = config, config.hidden, config.embed, config.memory
   keys = iter(jax.random.split(key, 8 + 4 * c.layers))
   init = _cell_init(c.cell)
   params = {
@@ -92,31 +92,31 @@ def init_params(key, config: Seq2SeqConfig) -> dict:
     "target_embedding": _normal(next(keys), (c.target_vocab, E), E),
     "encoder": {},
     "decoder": {},
-    "output_w": _normal(next(keys), (c.target_vocab, H), H),
+    "output_w": _normal(next(keys), (c.target_vocab, D), D),
     "output_b": jnp.zeros((c.target_vocab,), jnp.float32),
   }
   for l in range(c.layers):
     width = E if l == 0 else M
     if c.bidirectional:
       params["encoder"][f"layer_{l}"] = {
-        "fwd": init(next(keys), width, H),
-        "bwd": init(next(keys), width, H),
+        "fwd": init(next(keys), width, D),
+        "bwd": init(next(keys), width, D),
       }
     else:
-      params["encoder"][f"layer_{l}"] = init(next(keys), width, H)
-    width = (E + (M if c.attention == "bahdanau" else 0)) if l == 0 else H
-    params["decoder"][f"layer_{l}"] = init(next(keys), width, H)
+      params["encoder"][f"layer_{l}"] = init(next(keys), width, D)
+    width = (E + (M if c.attention == "bahdanau" else 0)) if l == 0 else D
+    params["decoder"][f"layer_{l}"] = init(next(keys), width, D)
   if c.attention == "luong":
-    params["attention"] = {"w": _normal(next(keys), (H, M), M)}
+    params["attention"] = {"w": _normal(next(keys), (D, M), M)}
   elif c.attention == "bahdanau":
     params["attention"] = {
-      "w_query": _normal(next(keys), (H, H), H),
-      "w_memory": _normal(next(keys), (M, H), M),
-      "v": _normal(next(keys), (H,), H),
+      "w_query": _normal(next(keys), (D, D), D),
+      "w_memory": _normal(next(keys), (M, D), M),
+      "v": _normal(next(keys), (D,), D),
     }
   if c.attention != "none":
-    params["attention"]["combine_w"] = _normal(next(keys), (M + H, H), M + H)
-    params["attention"]["combine_b"] = jnp.zeros((H,), jnp.float32)
+    params["attention"]["combine_w"] = _normal(next(keys), (M + D, D), M + D)
+    params["attention"]["combine_b"] = jnp.zeros((D,), jnp.float32)
   return params
 
 
@@ -138,8 +138,8 @@ def encode(params, config: Seq2SeqConfig, source, source_len):
   """Runs the encoder over a padded source batch.
 
   source i32[B, S] (anything past each length), source_len i32[B].
-  Returns (memory, state): memory {values f32[B, S, M] (0 at padding), keys f32[B, S, H],
-  mask bool[B, S]} for attention; state, the decoder's initial carry per layer (f32[B, H], or
+  Returns (memory, state): memory {values f32[B, S, M] (0 at padding), keys f32[B, S, D],
+  mask bool[B, S]} for attention; state, the decoder's initial carry per layer (f32[B, D], or
   (c, h) for an LSTM): the encoder's final carries, frozen at each length.
   """
   source, source_len = jnp.asarray(source), jnp.asarray(source_len)
@@ -168,12 +168,12 @@ def encode(params, config: Seq2SeqConfig, source, source_len):
 
 
 def attend(params, config: Seq2SeqConfig, query, memory):
-  """Context vectors: attention of query f32[B, ..., H] over memory -> f32[B, ..., M].
+  """Context vectors: attention of query f32[B, ..., D] over memory -> f32[B, ..., M].
 
   Padded source positions get weight exactly 0; a source with no valid position gives 0.
   """
   keys, mask = memory["keys"], memory["mask"]
-  lead = query.ndim - 2  # extra query axes between B and H (T when teacher forcing)
+  lead = query.ndim - 2  # extra query axes between B and D (T when teacher forcing)
   if config.attention == "luong":
     scores = jnp.einsum("b...h,bsh->b...s", query, keys)
   else:
@@ -197,7 +197,7 @@ def _combine(params, ctx, h):
 def decode_step(params, config: Seq2SeqConfig, memory, state, token):
   """One decoder step: token i32[B] (the previous output, GO first) and state (per layer).
 
-  Returns (features f32[B, H] for `logits`, new state).
+  Returns (features f32[B, D] for `logits`, new state).
   """
   x = _embed(params["target_embedding"], token, jnp.ones(token.shape, bool))
   if config.attention == "bahdanau":
@@ -217,7 +217,7 @@ def decode_step(params, config: Seq2SeqConfig, memory, state, token):
 
 
 def logits(params, features):
-  """Output projection: features f32[..., H] -> f32[..., V_t]."""
+  """Output projection: features f32[..., D] -> f32[..., V_t]."""
   return cells.add_bias(features @ params["output_w"].T, params["output_b"])
 
 
@@ -225,7 +225,7 @@ def teacher_forced(params, config: Seq2SeqConfig, source, source_len, target_in,
   """Decoder features for every target step, fed the reference tokens.
 
   source i32[B, S], source_len i32[B], target_in i32[B, T] (GO y_1 ... y_n, then anything),
-  target_len i32[B]. Returns f32[B, T, H]; 0 at t >= target_len.
+  target_len i32[B]. Returns f32[B, T, D]; 0 at t >= target_len.
   """
   memory, state = encode(params, config, source, source_len)
   T = target_in.shape[1]
@@ -287,9 +287,9 @@ def sequence_loss(
     raise ValueError(
       f"sampled softmax gives a token mean only; use loss.mode=token_mean, got {mode!r}"
     )
-  H = feats.shape[-1]
+  D = feats.shape[-1]
   xent = sampling.sampled_softmax_loss(
-    feats.reshape(-1, H),
+    feats.reshape(-1, D),
     params["output_w"],
     params["output_b"],
     labels.reshape(-1),

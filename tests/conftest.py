@@ -73,7 +73,10 @@ def launch_here(*args, cwd=ROOT, check=False) -> subprocess.CompletedProcess:
   from absl import flags
 
   out, err = io.StringIO(), io.StringIO()
-  handler = logging.StreamHandler(err)  # absl records propagate to the root logger
+  # absl records propagate to the root logger. Not a StreamHandler: absl's first app.run removes
+  # root StreamHandlers that write to sys.stderr, which is `err` while the launch runs.
+  handler = logging.Handler()
+  handler.emit = lambda record: err.write(handler.format(record) + "\n")
   old_argv, old_cwd = sys.argv, os.getcwd()
   sys.argv, code = ["launch.py", *args], 0
   logging.getLogger().addHandler(handler)
@@ -106,7 +109,7 @@ def resume_to_six(args, workdir, *extra) -> list[dict]:
   """Reruns a finished 4-step smoke run (`launch(*args)`) to step 6 and checks that it resumed
   at step 4, wrote checkpoint 6 and logged training at steps 2, 4, 6 exactly once each.
   Returns the records of WORKDIR/metrics.jsonl for the test's own checks."""
-  proc = launch(*args, "--config.train.steps=6", *extra, check=True)
+  proc = launch_here(*args, "--config.train.steps=6", *extra, check=True)
   log = proc.stdout + proc.stderr[-3000:]
   assert "resumed at step 4" in proc.stderr, log
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "6")), log

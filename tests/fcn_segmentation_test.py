@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import launch, resume_to_six
+from conftest import launch_here, resume_to_six
 from experiments import fcn_segmentation as fcn
 from maskax.masking import metrics
 from maskax.models import fcn as fcn_model
@@ -269,8 +269,14 @@ def test_folder_data_split(tmp_path):
 @pytest.mark.slow
 def test_smoke_trains_checkpoints_resumes_and_predicts(tmp_path):
   work = str(tmp_path / "w")
-  args = (SMOKE, f"--workdir={work}", "--config.train.mode=loss_sampling_p0.5")
-  first = launch(*args, check=True)
+  # In-process on 8 simulated devices: a held-out batch of 8, a row per device.
+  args = (
+    SMOKE,
+    f"--workdir={work}",
+    "--config.train.mode=loss_sampling_p0.5",
+    "--config.data.eval_batch_size=8",
+  )
+  first = launch_here(*args, check=True)
   assert "eval/mean_iou" in first.stdout
   assert os.path.isdir(os.path.join(work, "checkpoints", "4"))
   assert os.path.getsize(os.path.join(work, "predictions.png")) > 1000
@@ -283,7 +289,7 @@ def test_smoke_trains_checkpoints_resumes_and_predicts(tmp_path):
   before = {p: open(os.path.join(work, p)).read() for p in record}
   _write_png(tmp_path / "in" / "a.png", (16, 20, 3))
   (tmp_path / "lines.txt").write_text(f"{tmp_path / 'in'}\n")
-  proc = launch(
+  proc = launch_here(
     "--config=experiments/fcn_segmentation.py",
     f"--workdir={work}",
     f"--predict={tmp_path / 'lines.txt'}",
@@ -296,7 +302,7 @@ def test_smoke_trains_checkpoints_resumes_and_predicts(tmp_path):
   assert len(out["class_pixels"]) == 6 and sum(out["class_pixels"]) == 16 * 20
   assert before == {p: open(os.path.join(work, p)).read() for p in record}
   assert not any(n.endswith(".png") and n != "predictions.png" for n in os.listdir(work))
-  proc = launch(
+  proc = launch_here(
     "--config=experiments/fcn_segmentation.py",
     f"--workdir={work}",
     f"--predict={tmp_path / 'lines.txt'}",
@@ -304,7 +310,7 @@ def test_smoke_trains_checkpoints_resumes_and_predicts(tmp_path):
   )
   assert proc.returncode == 1 and "lies in the workdir" in proc.stderr
   (tmp_path / "blank.txt").write_text("\n  \n")
-  proc = launch(
+  proc = launch_here(
     "--config=experiments/fcn_segmentation.py",
     f"--workdir={work}",
     f"--predict={tmp_path / 'blank.txt'}",

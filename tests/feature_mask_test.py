@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import launch, resume_to_six
+from conftest import launch_here, resume_to_six
 from experiments import feature_mask as fm
 from maskax.models import timeseries
 
@@ -195,7 +195,7 @@ def test_training_batches_hide_missing_values_and_mix_rates():
 @pytest.mark.slow
 def test_smoke_trains_checkpoints_resumes(tmp_path):
   work = str(tmp_path / "w")
-  first = launch(SMOKE, f"--workdir={work}", check=True)
+  first = launch_here(SMOKE, f"--workdir={work}", check=True)
   assert "eval/mse_miss60" in first.stdout and "eval/last_value_mse_miss0" in first.stdout
   assert os.path.isdir(os.path.join(work, "checkpoints", "4"))
   records = resume_to_six((SMOKE, f"--workdir={work}"), work)

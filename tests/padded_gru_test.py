@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import launch, resume_to_six
+from conftest import launch_here, resume_to_six
 from experiments import padded_gru as pg
 from maskax.masking import masks
 from maskax.data import synthetic
@@ -190,7 +190,7 @@ def test_pad_batch_and_unknown_variant():
 @pytest.mark.slow
 def test_smoke_trains_checkpoints_resumes(tmp_path):
   work = str(tmp_path / "w")
-  first = launch(SMOKE, f"--workdir={work}", check=True)
+  first = launch_here(SMOKE, f"--workdir={work}", check=True)
   assert "eval/acc_pad4x" in first.stdout and "eval/drift_pad4x" in first.stdout
   assert os.path.isdir(os.path.join(work, "checkpoints", "4"))
   records = resume_to_six((SMOKE, f"--workdir={work}"), work)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import launch, resume_to_six
+from conftest import launch_here, resume_to_six
 from experiments import seq2seq as exp
 from maskax.masking import losses
 from maskax.rnn import decoding
@@ -243,7 +243,7 @@ def test_bad_config_raises():
 def test_smoke_trains_checkpoints_resumes_decodes(tmp_path):
   work = str(tmp_path / "w")
   args = ("--config=experiments/seq2seq.py:smoke", f"--workdir={work}")
-  first = launch(*args, check=True)
+  first = launch_here(*args, check=True)
   log = first.stdout + first.stderr[-3000:]
   assert os.path.isdir(os.path.join(work, "checkpoints", "4")), log
   assert "eval/exact_match_beam" in first.stdout and "translate" in first.stderr, log

@@ -1,7 +1,8 @@
 """BERT pretraining step throughput and MFU: the experiment's real train step on random batches.
 
 Times `maskax.training.train_step.make_train_step` (forward, backward, clipping, AdamW, the non-finite
-guard) on the BERT task of experiments/bert_pretrain.py, for each (compute dtype, MLM head)
+guard) on the BERT task of `maskax.models.bert_pretraining` (what experiments/bert_pretrain.py
+trains), for each (compute dtype, MLM head)
 row, with random token ids and a padded input mask (lengths uniform in [T/2, T]) so no
 tokenizer or corpus is needed. Per row: median step time over `--windows` windows of
 `--steps` steps each (after compile and one warm-up step), tokens/s (padded B*T), the matmul
@@ -16,22 +17,21 @@ from one run.
 
 import argparse
 import functools
-import os
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/
-from experiments import bert_pretrain  # noqa: E402
-from maskax.training import sharding, train, train_step
 from maskax.data import tokenizer as tokenizer_lib
-from maskax.models import bert
+from maskax.models import bert, bert_pretraining
+from maskax.training import sharding, train, train_step
 
 MASK_ID = tokenizer_lib.SPECIAL_TOKENS.index(tokenizer_lib.MASK)  # as in tokenizers trained here
+# experiments/bert_pretrain.py's `base` preset: P, and the schedule (the step does not depend on
+# the learning rate's value, only on the optimizer's form).
+MAX_PREDICTIONS, SCHEDULE = 20, dict(learning_rate=1e-4, warmup_steps=1000, steps=10000)
 
 
 def random_batch(batch, seq_len, preds, vocab, seed=0):
@@ -65,20 +65,18 @@ def matmul_tflops(dtype, size, repeats=10):
   return 2 * size**3 / statistics.median(times) / 1e12
 
 
-def bench_row(config, batch_np, dtype, head, steps, windows):
-  with config.unlocked():
-    config.model.dtype, config.model.mlm_head = dtype, head
-  model = bert_pretrain.make_model(config, config.data.vocab_size)
+def bench_row(args, batch_np, dtype, head, preds):
+  model = make_model(args, dtype)
   task = train.Task(
-    init=bert_pretrain.init_fn(model, config),
-    loss=bert_pretrain.make_loss(model, config, mask_id=MASK_ID),
-    optimizer=bert_pretrain.make_optimizer(config),
+    init=bert_pretraining.init_fn(model, seq_len=args.seq_len, max_predictions=preds),
+    loss=bert_pretraining.make_loss(model, mask_id=MASK_ID, mlm_head=head),
+    optimizer=bert_pretraining.make_optimizer(**SCHEDULE),
     train_data=None,
   )
   mesh = sharding.make_mesh()
   init = jax.jit(functools.partial(train.init_state, task), out_shardings=sharding.replicated(mesh))
   state = init(jax.random.key(0))
-  step = train_step.make_train_step(task, train.LoopOptions.from_config(config.train), mesh)
+  step = train_step.make_train_step(task, train.LoopOptions(steps=SCHEDULE["steps"]), mesh)
   batch = sharding.shard_batch(batch_np, mesh)
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
@@ -91,14 +89,20 @@ def bench_row(config, batch_np, dtype, head, steps, windows):
   state, out = step(state, batch)  # warm-up
   jax.block_until_ready(out)
   times = []
-  for _ in range(windows):
+  for _ in range(args.windows):
     start = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(args.steps):
       state, out = step(state, batch)
     jax.block_until_ready(out)
-    times.append((time.perf_counter() - start) / steps)
+    times.append((time.perf_counter() - start) / args.steps)
   loss = float(out["sums"]["loss"][0])
   return statistics.median(times), compile_s, loss, temp_bytes
+
+
+def make_model(args, dtype):
+  return bert_pretraining.make_model(
+    args.size, args.vocab, seq_len=args.seq_len, dropout=args.dropout, dtype=dtype
+  )
 
 
 def main():
@@ -128,14 +132,7 @@ def main():
     args.size, args.batch, args.seq_len, args.vocab, args.steps = "smoke", 8, 32, 1000, 3
   if args.prng_impl:
     jax.config.update("jax_default_prng_impl", args.prng_impl)
-  config = bert_pretrain.get_config("base")
-  with config.unlocked():
-    config.model.dropout = args.dropout
-    config.model.size, config.data.vocab_size = args.size, args.vocab
-    config.data.seq_len, config.train.batch_size = args.seq_len, args.batch
-    # Slots are drawn inside each sequence's length (at least T/2).
-    config.data.max_predictions = min(config.data.max_predictions, args.seq_len // 2)
-  preds = config.data.max_predictions
+  preds = min(MAX_PREDICTIONS, args.seq_len // 2)  # Slots lie inside each length (>= T/2).
   batch = random_batch(args.batch, args.seq_len, preds, args.vocab)
   device = jax.devices()[0]
   on_gpu = device.platform == "gpu"
@@ -155,13 +152,11 @@ def main():
     "| MFU (datasheet) | XLA temp memory | compile s | loss |"
   )
   print("|---|---|---|---|---|---|---|---|---|---|")
-  model_config = bert_pretrain.make_model(config, args.vocab).config  # sizes: same every row
+  model_config = make_model(args, "float32").config  # sizes: the same in every row
   for row in args.rows.split(","):
     dtype, head = row.split(":")
     flops = bert.train_flops_per_sequence(model_config, args.seq_len, preds, head) * args.batch
-    sec, compile_s, loss, temp_bytes = bench_row(
-      config, batch, dtype, head, args.steps, args.windows
-    )
+    sec, compile_s, loss, temp_bytes = bench_row(args, batch, dtype, head, preds)
     tflops = flops / sec / 1e12
     datasheet = f"{100 * tflops / args.peak_tflops:.1f}%" if args.peak_tflops else "-"
     print(

@@ -1,39 +1,33 @@
 """BERT pretraining (MLM + NSP): is the MLM mean over masked tokens, all tokens or non-pad tokens?
 
-Pretrains a small BERT on the embedded corpus (English text that ships with Python) with the
-losses of google-research/bert `run_pretraining.py`: mlm = token mean over the real prediction
-slots of the whole global batch, nsp = batch mean, total = mlm + nsp. The MLM head runs on the
-gathered masked positions only. The ablation trains the same model with four MLM reductions
-(`loss.mlm_reduction`) and compares held-out *masked-token* accuracy:
+Pretrains a small BERT on the embedded corpus (English text that ships with Python), or on your
+own text (`--config.data.path`), with the losses of google-research/bert `run_pretraining.py`
+(`maskax.models.bert_pretraining`): mlm = token mean over the real prediction slots of the whole
+global batch, nsp = batch mean, total = mlm + nsp. Every corpus goes through one data path
+(`maskax.data.bert_cache`): prepared once into shards in a shared cache, then streamed. The
+ablation trains the same model with four MLM reductions (`loss.mlm_reduction`) and compares
+held-out *masked-token* accuracy:
 
   python launch.py --config=experiments/bert_pretrain.py       # the main job (tiny BERT)
   python launch.py --config=experiments/bert_pretrain.py:ablation \
       --sweep=loss.mlm_reduction=masked,masked_sum_over_nonpad,all_nonpad_tokens,all_tokens
   python launch.py --config=experiments/bert_pretrain.py:ablation --sweep=model.mlm_head=gathered,full
 
-Hardware: a 2-core CPU runs the default in about 3 minutes (measured 2 min 47 s idle); `base` is
-for accelerators (6.5 steps/s on one H200). Expected (measured, README): held-out masked-token
-accuracy 0.11-0.12 against 0.057 for the unigram baseline. Accuracy is also reported per kind of slot
-([MASK] / random / kept, `losses.mlm_slot_accuracies`): only [MASK] slots measure prediction from context.
+Hardware: an idle 2-core CPU runs the default in about 3 minutes (the first run on a machine
+also prepares the embedded corpus into the cache: about 10 s); `base` is for accelerators (6.5
+steps/s on one H200). Expected (measured, README, docs/bert_data.md): held-out masked-token
+accuracy 0.11-0.13 against 0.057 for the unigram baseline. Accuracy is also reported per kind of slot ([MASK] /
+random / kept, `losses.mlm_slot_accuracies`): only [MASK] slots measure prediction from context.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-
-import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
 
 from experiments import common
-from maskax.masking import losses
-from maskax.training import restore, train
-from maskax.data import corpus, tokenizer as tokenizer_lib
-from maskax.data.batching import BertBatches
-from maskax.models import bert, bert_predict, hf_bert
+from maskax.data import bert_cache
+from maskax.models import bert, bert_predict, bert_pretraining, hf_bert
+from maskax.training import progress, restore, train
 
 PRESETS = {
   "default": "tiny BERT (2x128), seq 128, 600 steps: about 3 minutes on a 2-core CPU",
@@ -44,7 +38,11 @@ PRESETS = {
 }
 # The learning-rate schedule decays to 0 at train.steps: extending a run would change it.
 RESUME_PINNED_KEYS = ("train.steps",)
-MLM_REDUCTIONS = ("masked", "masked_sum_over_nonpad", "all_nonpad_tokens", "all_tokens")
+# Where and how patiently the data are prepared changes no batch.
+RESUME_SAFE_KEYS = ("data.cache_dir", "data.prepare_wait_s", "data.prepare_workers")
+# The global batch at each step is the same for any process count (`shards.PreparedBatches`).
+RESUME_ANY_PROCESS_COUNT = True
+MLM_REDUCTIONS = bert_pretraining.MLM_REDUCTIONS
 REPORT_METRICS = (
   "eval/mlm_accuracy",
   "eval/mlm_accuracy_mask_slots",
@@ -56,17 +54,21 @@ REPORT_METRICS = (
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  arg = arg or "default"
-  if arg not in PRESETS:
-    raise ValueError(f"unknown preset {arg!r}; presets: {', '.join(PRESETS)}")
+  arg = common.preset(arg, PRESETS)
   c = ml_collections.ConfigDict()
   c.seed = 0  # model init, data order, masks and dropout all derive from it
   c.data = ml_collections.ConfigDict()
-  c.data.path = ""  # '' = embedded corpus; else a text file (blank-line documents) or a folder
-  c.data.vocab_file = ""  # '' = train WordPiece on the corpus (cached in the workdir)
+  c.data.path = ""  # '' = embedded corpus; else text files (a file, folder, glob, .gz, .jsonl;
+  # a sentence per line, a blank line between documents), prepared into the cache on first use,
+  # or a folder `python -m maskax.data.prepare` wrote (read as it is)
+  c.data.cache_dir = ""  # prepared corpora and vocabularies; '' = $MASKAX_CACHE or ~/.cache/maskax
+  c.data.prepare_workers = 0  # processes that prepare a corpus (one per input file); 0 = all cores
+  c.data.prepare_wait_s = 3600.0  # how long a process waits for another one's preparation
+  c.data.vocab_file = ""  # '' = train WordPiece on a sample of the corpus (cached)
   c.data.vocab_size = 8000  # WordPiece vocabulary when training one
-  c.data.max_documents = 0  # >0: use only the first N documents (smoke tests)
-  c.data.eval_fraction = 0.05  # held-out share of documents
+  c.data.vocab_sample_mb = 100.0  # text WordPiece trains on: the first ~N MB of the input files
+  c.data.max_documents = 0  # >0: read only the corpus's first N documents (smoke tests)
+  c.data.eval_fraction = 0.05  # held-out share of documents (chosen by a hash of their text)
   c.data.seed = 0  # picks the held-out documents and their masks; apart from `seed`, so that
   # runs with several training seeds score the same held-out set
   c.data.eval_batches = 8  # held-out batches per evaluation
@@ -127,6 +129,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.size = "smoke"
     c.data.max_documents = 300
     c.data.vocab_size = 1000
+    c.data.vocab_sample_mb = 0.5  # a fast WordPiece for tests
     c.data.seq_len = 32
     c.data.max_predictions = 5
     c.data.eval_fraction = 0.2
@@ -136,182 +139,54 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   return c
 
 
-def build_data(config, workdir):
-  """Tokenizer, training iterator, fixed held-out batches."""
-  docs = corpus.load_documents(config.data.path or None)
-  if config.data.max_documents:
-    docs = docs[: config.data.max_documents]
-  train_docs, eval_docs = corpus.split_documents(docs, config.data.eval_fraction, config.data.seed)
-  if not eval_docs:
-    raise ValueError("data.eval_fraction leaves no held-out document; raise it or add data.")
-  # An imported checkpoint brings its own vocabulary: its ids index the embedding table.
-  vocab_file = config.data.vocab_file or (
-    os.path.join(config.model.init_from, "vocab.txt") if config.model.init_from else ""
-  )
-  tok = tokenizer_lib.for_run(train_docs, config.data.vocab_size, workdir, vocab_file=vocab_file)
-  common = dict(
-    batch_size=config.train.batch_size,
-    seq_len=config.data.seq_len,
-    max_predictions=config.data.max_predictions,
-    masked_lm_prob=config.data.masked_lm_prob,
-    short_seq_prob=config.data.short_seq_prob,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  train_data = BertBatches(
-    train_docs,
-    tok,
-    masking=config.data.masking,
-    seed=config.seed,
-    whole_word_masking=config.data.whole_word_masking,
-    **common,
-  )
-  # Held-out masks are static and fixed, so every evaluation scores the same predictions.
-  eval_iter = BertBatches(
-    eval_docs,
-    tok,
-    masking="static",
-    seed=config.data.seed + 1,
-    dupe_factor=1,
-    num_epochs=1,
-    **common,
-  )
-  eval_batches = [b for _, b in zip(range(config.data.eval_batches), eval_iter)]
-  if not eval_batches:
-    raise ValueError("the held-out split is smaller than one batch; raise data.eval_fraction.")
-  return tok, train_data, eval_batches
-
-
-def unigram_baseline(train_data: BertBatches, eval_batches, vocab_size: int) -> dict:
-  """Accuracy and loss of predicting every masked token from training unigram frequencies."""
-  inst = train_data.instances
-  counts = np.bincount(inst.tokens[inst.input_mask], minlength=vocab_size).astype(np.float64)
-  counts[list(train_data.tokenizer.special_ids)] = 0
-  probs = (counts + 1) / (counts + 1).sum()  # add-one, so unseen tokens have finite loss
-  ids = np.concatenate([b["masked_lm_ids"][b["masked_lm_weights"] > 0] for b in eval_batches])
-  return {
-    "unigram_accuracy": float(np.mean(ids == np.argmax(counts))),
-    "unigram_loss": float(-np.mean(np.log(probs[ids]))),
-  }
-
-
-def make_loss(model, config, mask_id: int):
-  """The task's loss: MLM (reduced by `loss.mlm_reduction`) + NSP, and the metrics."""
-  mode = config.loss.mlm_reduction
-  if mode not in MLM_REDUCTIONS:
-    raise ValueError(f"loss.mlm_reduction={mode!r}; choose one of {', '.join(MLM_REDUCTIONS)}.")
-  head = "full" if mode.startswith("all_") else config.model.mlm_head
-
-  def loss(params, model_state, batch, key, *, train):
-    out = model.apply(
-      {"params": params},
-      batch["input_ids"],
-      batch["segment_ids"],
-      batch["input_mask"],
-      batch["masked_lm_positions"],
-      train=train,
-      mlm_head=head,
-      rngs={"dropout": key},
-    )
-    logits = out["mlm_logits"]
-    gathered = (
-      bert.gather_positions(logits, batch["masked_lm_positions"]) if head == "full" else logits
-    )
-    ids, weights = batch["masked_lm_ids"], batch["masked_lm_weights"]
-    masked = losses.mlm_loss(gathered, ids, weights)
-    if mode == "masked":
-      mlm = masked
-    elif mode == "masked_sum_over_nonpad":  # right numerator, wrong denominator
-      mlm = (masked[0], jnp.sum(batch["input_mask"]).astype(jnp.float32))
-    elif mode == "all_nonpad_tokens":  # every real token predicts its original id
-      mlm = losses.masked_xent(logits, batch["original_ids"], batch["input_mask"])
-    else:  # all_tokens: padding included (its label is [PAD] = 0)
-      mlm = losses.masked_xent(logits, batch["original_ids"], jnp.ones_like(batch["input_mask"]))
-    nsp_labels = batch["next_sentence_labels"]
-    every = jnp.ones(nsp_labels.shape, jnp.bool_)
-    terms = {"mlm": mlm, "nsp": losses.nsp_loss(out["nsp_logits"], nsp_labels)}
-    metrics = {
-      "mlm_masked_loss": masked,
-      "mlm_accuracy": losses.mlm_accuracy(gathered, ids, weights),
-      **losses.mlm_slot_accuracies(gathered, batch, mask_id),
-      "nsp_accuracy": losses.masked_accuracy(out["nsp_logits"], nsp_labels, every),
-    }
-    return terms, metrics, model_state
-
-  return loss
+def make_data(config, workdir: str):
+  """(tokenizer, training batches, fixed held-out batches): `bert_cache.for_config`."""
+  with progress.phase("data"):
+    return bert_cache.for_config(config, workdir, **common.this_process())
 
 
 def make_model(config, vocab_size: int) -> bert.Bert:
   m = config.model
-  if m.init_from:  # the imported checkpoint's sizes, with this run's dropout and dtype
-    imported = hf_bert.read_config(m.init_from)
-    if config.data.seq_len > imported.max_position:
-      raise ValueError(
-        f"data.seq_len={config.data.seq_len} exceeds the {imported.max_position} positions of "
-        f"model.init_from={m.init_from}; lower data.seq_len."
-      )
-    return bert.Bert(
-      dataclasses.replace(
-        imported, dropout=m.dropout, attention_dropout=m.dropout, dtype=jnp.dtype(m.dtype)
-      )
-    )
-  sizes = {k: m[k] for k in ("num_layers", "hidden", "num_heads", "intermediate") if m[k] > 0}
-  return bert.Bert(
-    bert.BertConfig.preset(
-      m.size,
-      vocab_size,
-      max_position=m.max_position or max(config.data.seq_len, 512),
-      dropout=m.dropout,
-      attention_dropout=m.dropout,
-      dtype=jnp.dtype(m.dtype),
-      **sizes,
-    )
+  sizes = ("num_layers", "hidden", "num_heads", "intermediate", "max_position")
+  return bert_pretraining.make_model(
+    m.size,
+    vocab_size,
+    seq_len=config.data.seq_len,
+    init_from=m.init_from,
+    dropout=m.dropout,
+    dtype=m.dtype,
+    **{k: m[k] for k in sizes},
   )
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-  """AdamW with linear warmup to train.learning_rate, linear decay to 0 at train.steps; no
-  weight decay on LayerNorm parameters and biases (`bert.weight_decay_mask`), as BERT."""
+def make_loss(model, config, mask_id: int):
+  return bert_pretraining.make_loss(
+    model, mask_id=mask_id, mlm_reduction=config.loss.mlm_reduction, mlm_head=config.model.mlm_head
+  )
+
+
+def make_optimizer(config):
   t = config.train
-  schedule = optax.join_schedules(
-    [
-      optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps),
-      optax.linear_schedule(t.learning_rate, 0.0, max(t.steps - t.warmup_steps, 1)),
-    ],
-    [t.warmup_steps],
+  return bert_pretraining.make_optimizer(
+    learning_rate=t.learning_rate,
+    warmup_steps=t.warmup_steps,
+    steps=t.steps,
+    weight_decay=t.weight_decay,
+    grad_clip=t.grad_clip,
   )
-  return optax.chain(
-    optax.clip_by_global_norm(t.grad_clip),
-    optax.adamw(schedule, weight_decay=t.weight_decay, mask=bert.weight_decay_mask),
-  )
-
-
-def init_fn(model, config):
-  """key -> (params, {}) for the task."""
-  T, P = config.data.seq_len, config.data.max_predictions
-
-  if config.model.init_from:
-    # Host arrays, closed over: the jitted init returns them as they are (for BERT-base that
-    # embeds 0.4 GB of constants in one compile, paid once per run).
-    params = hf_bert.load(config.model.init_from)[0]
-    return lambda key: (params, {})
-
-  def init(key):
-    zeros = jnp.zeros((1, T), jnp.int32)
-    variables = model.init(
-      key, zeros, zeros, jnp.ones((1, T), bool), jnp.zeros((1, P), jnp.int32), train=False
-    )
-    return variables["params"], {}
-
-  return init
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  tok, train_data, eval_batches = build_data(config, workdir)
+  tok, train_data, eval_batches = make_data(config, workdir)
   model = make_model(config, tok.vocab_size)
-  baseline = unigram_baseline(train_data, eval_batches, tok.vocab_size)
+  baseline = bert_pretraining.unigram_baseline(
+    train_data.unigram_counts(), tok.special_ids, eval_batches
+  )
+  d = config.data
   task = train.Task(
-    init=init_fn(model, config),
+    init=bert_pretraining.init_fn(
+      model, seq_len=d.seq_len, max_predictions=d.max_predictions, init_from=config.model.init_from
+    ),
     loss=make_loss(model, config, tok.mask_id),
     optimizer=make_optimizer(config),
     train_data=train_data,
@@ -321,34 +196,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _, final = train.train(
     task, train.LoopOptions.from_config(config.train), workdir, seed=config.seed
   )
-  B, T = config.train.batch_size, config.data.seq_len
-  final["tokens_per_s"] = final.get("steps_per_s", 0.0) * B * T
+  final["tokens_per_s"] = common.per_second(final, config.train.batch_size * d.seq_len)
   final["params"] = float(bert.param_count(model.config))
   return final
 
 
 def _trained_model(config, workdir: str):
   """(model, params, tokenizer) of the run in `workdir`, in eval mode, from its checkpoint."""
-  trained = restore.restore_params(workdir)
-  path = config.data.vocab_file or os.path.join(workdir, "tokenizer.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing: the run's tokenizer is needed to read input.")
-  tok = tokenizer_lib.from_vocab_txt(path) if config.data.vocab_file else tokenizer_lib.load(path)
-  return make_model(config, tok.vocab_size), trained.params, tok
+  params = restore.restore_params(workdir).params
+  tok = bert_cache.run_tokenizer(workdir, config.data.vocab_file)
+  return make_model(config, tok.vocab_size), params, tok
 
 
 def predict(config, workdir: str, lines: list[str], *, top_k: int = 5) -> list[dict]:
   """Fill-mask for lines with [MASK]; P(second follows first) for 'first ||| second' lines."""
   model, params, tok = _trained_model(config, workdir)
-  out = []
-  for line in lines:
-    if bert_predict.PAIR_SEPARATOR in line:
-      (p,) = bert_predict.next_sentence_probability(model, params, tok, [line])
-      out.append({"input": line, "is_next_probability": p})
-    else:
-      (slots,) = bert_predict.fill_mask(model, params, tok, [line], top_k=top_k)
-      out.append({"input": line, "masks": slots})
-  return out
+  return bert_predict.predict_lines(model, params, tok, lines, top_k=top_k)
 
 
 def export(config, workdir: str, out_dir: str) -> str:

@@ -1,7 +1,9 @@
-"""The BERT experiment: the four MLM reductions, empty masks, smoke train/checkpoint/resume."""
+"""The BERT experiment: the four MLM reductions, empty masks, the prepared-data cache, smoke
+train/checkpoint/resume."""
 
 import json
 import os
+from pydoc_data import topics
 
 import jax
 import jax.numpy as jnp
@@ -11,14 +13,16 @@ import pytest
 from conftest import launch
 from experiments import bert_pretrain
 from maskax.masking import losses
-from maskax.models import bert
+from maskax.data import bert_cache, corpus, docfile, prepare
+from maskax.data import tokenizer as tk
+from maskax.models import bert, bert_pretraining
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   config = bert_pretrain.get_config("smoke")
   workdir = str(tmp_path_factory.mktemp("bert"))
-  tok, train_data, eval_batches = bert_pretrain.build_data(config, workdir)
+  tok, train_data, eval_batches = bert_pretrain.make_data(config, workdir)
   model = bert.Bert(
     bert.BertConfig.preset("smoke", tok.vocab_size, dropout=0.0, attention_dropout=0.0)
   )
@@ -99,7 +103,7 @@ def test_runs_on_the_same_data_share_one_tokenizer(setup, tmp_path):
   # WordPiece training is not reproducible (tokenizers#1794): a second workdir must reuse the
   # first one's vocabulary through the shared cache, or a sweep would compare different vocabs.
   config, tok, _, _, _ = setup
-  other, _, _ = bert_pretrain.build_data(config, str(tmp_path))
+  other, _, _ = bert_pretrain.make_data(config, str(tmp_path))
   assert [other.id_to_token(i) for i in range(other.vocab_size)] == [
     tok.id_to_token(i) for i in range(tok.vocab_size)
   ]
@@ -112,9 +116,127 @@ def test_unknown_reduction_is_a_clear_error(setup):
 
 def test_unigram_baseline_is_a_probability(setup, tmp_path):
   config, tok, _, _, _ = setup
-  _, train_data, eval_batches = bert_pretrain.build_data(config, str(tmp_path))
-  base = bert_pretrain.unigram_baseline(train_data, eval_batches, tok.vocab_size)
-  assert 0 < base["unigram_accuracy"] < 0.5 and base["unigram_loss"] > 0
+  _, train_data, eval_batches = bert_pretrain.make_data(config, str(tmp_path))
+  counts = train_data.unigram_counts()
+  assert counts.sum() > 0
+  base = bert_pretraining.unigram_baseline(counts, tok.special_ids, eval_batches)
+  assert 0 <= base["unigram_accuracy"] < 0.5 and base["unigram_loss"] > 0
+  # Training text made of the held-out slots' most common token alone scores its share.
+  ids = np.concatenate([b["masked_lm_ids"][b["masked_lm_weights"] > 0] for b in eval_batches])
+  top = np.bincount(ids).argmax()
+  only = np.zeros_like(counts)
+  only[top] = 1
+  acc = bert_pretraining.unigram_baseline(only, tok.special_ids, eval_batches)["unigram_accuracy"]
+  assert acc == np.mean(ids == top) > 0
+
+
+def _smoke_config(cache, **data):
+  config = bert_pretrain.get_config("smoke")
+  with config.unlocked():
+    config.data.cache_dir = str(cache)
+    config.data.update(data)
+  return config
+
+
+@pytest.fixture(scope="module")
+def text_corpus(tmp_path_factory):
+  """A user's text file in google-research/bert's layout (pydoc topics, 8 sentences a document)."""
+  text = "\n".join(topics.topics[k] for k in sorted(topics.topics)[:40])
+  sentences = corpus.split_sentences(text)
+  docs = [sentences[i : i + 8] for i in range(0, len(sentences) - 7, 8)]
+  path = tmp_path_factory.mktemp("text") / "corpus.txt"
+  path.write_text("\n\n".join("\n".join(d) for d in docs) + "\n")
+  return path
+
+
+def _prepared(cache):
+  return sorted((cache / "bert").glob("prepared-*"))
+
+
+def _counting(monkeypatch, module, name):
+  """Counts the calls of `module.name` (still calling it)."""
+  calls, original = [], getattr(module, name)
+  monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+  return calls
+
+
+def test_runs_sharing_a_cache_prepare_once_until_an_input_changes(
+  text_corpus, tmp_path, monkeypatch
+):
+  prepared = _counting(monkeypatch, prepare, "prepare")
+  trained = _counting(monkeypatch, tk, "train_wordpiece")
+  path = tmp_path / "corpus.txt"
+  path.write_text(text_corpus.read_text())
+  config = _smoke_config(tmp_path / "cache", path=str(path))
+  tok, _, _ = bert_pretrain.make_data(config, str(tmp_path / "a"))
+  (folder,) = _prepared(tmp_path / "cache")
+  stamp = (folder / docfile.MANIFEST).stat().st_mtime_ns
+  other, train_data, _ = bert_pretrain.make_data(config, str(tmp_path / "b"))
+  assert len(prepared) == len(trained) == 1  # The second run reused both.
+  assert _prepared(tmp_path / "cache") == [folder]
+  assert (folder / docfile.MANIFEST).stat().st_mtime_ns == stamp
+  assert other.tokenizer.get_vocab() == tok.tokenizer.get_vocab()
+  assert train_data.docs.path == folder
+  # Same size, another mtime: another fingerprint, another folder.
+  before = bert_cache.input_fingerprint(str(path))
+  os.utime(path, ns=(stamp, path.stat().st_mtime_ns + 10**9))
+  assert bert_cache.input_fingerprint(str(path)) != before
+  bert_pretrain.make_data(config, str(tmp_path / "c"))
+  assert len(_prepared(tmp_path / "cache")) == 2 and len(prepared) == 2
+
+
+def test_a_prepared_folder_is_read_as_it_is(text_corpus, tmp_path):
+  config = _smoke_config(tmp_path / "cache", path=str(text_corpus))
+  tok, _, _ = bert_pretrain.make_data(config, str(tmp_path / "a"))
+  (folder,) = _prepared(tmp_path / "cache")
+  direct = _smoke_config(tmp_path / "other_cache", path=str(folder))
+  again, _, eval_batches = bert_pretrain.make_data(direct, str(tmp_path / "b"))
+  assert again.tokenizer.get_vocab() == tok.tokenizer.get_vocab() and eval_batches
+  assert not (tmp_path / "other_cache").exists()
+  vocab = tmp_path / "vocab.txt"
+  vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]) + "\n")
+  with direct.unlocked():
+    direct.data.vocab_file = str(vocab)
+  with pytest.raises(ValueError, match="prepared with another vocabulary"):
+    bert_pretrain.make_data(direct, str(tmp_path / "c"))
+
+
+def test_batches_do_not_depend_on_the_process_count(text_corpus, tmp_path):
+  """Held-out and training batches of 2 processes (process 1 reads what process 0 prepared)
+  are the rows of the 1-process batches: a run may resume with another process count."""
+  config = _smoke_config(tmp_path / "cache", path=str(text_corpus))
+  _, train_one, eval_one = bert_cache.for_config(config, str(tmp_path / "a"))
+  halves = [
+    bert_cache.for_config(config, str(tmp_path / "a"), process_index=p, process_count=2)
+    for p in (0, 1)
+  ]
+  assert len(eval_one) == len(halves[0][2]) == config.data.eval_batches
+  pairs = [(eval_one, [h[2] for h in halves])]
+  pairs.append(
+    ([next(train_one) for _ in range(3)], [[next(h[1]) for _ in range(3)] for h in halves])
+  )
+  for one, (first, second) in pairs:
+    for whole, a, b in zip(one, first, second):
+      for key in whole:
+        np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), whole[key], err_msg=key)
+  assert bert_pretrain.RESUME_ANY_PROCESS_COUNT
+
+
+def test_a_path_without_files_names_the_config_key(tmp_path):
+  config = _smoke_config(tmp_path / "cache", path=str(tmp_path / "missing*.txt"))
+  with pytest.raises(ValueError, match=r"^data.path=.*missing\*.txt.*matches no file"):
+    bert_pretrain.make_data(config, str(tmp_path / "a"))
+
+
+def test_other_processes_wait_for_process_0_with_a_bound(text_corpus, tmp_path):
+  config = _smoke_config(tmp_path / "cache", path=str(text_corpus), prepare_wait_s=0.5)
+  with pytest.raises(RuntimeError, match="process 0 writes it.*data.cache_dir"):
+    bert_cache.prepared_folder(config, str(tmp_path / "a"), process_index=1)
+  lock = tmp_path / "cache" / "x.lock"
+  with bert_cache._locked(lock, 1.0):  # Another run holds the lock: bounded wait, then a hint.
+    with pytest.raises(RuntimeError, match="data.prepare_wait_s=0.2"):
+      with bert_cache._locked(lock, 0.2):
+        pass
 
 
 @pytest.mark.slow
@@ -180,9 +302,13 @@ def test_weight_decay_spares_layer_norm_and_biases(setup):
 
 @pytest.fixture(scope="module")
 def trained_smoke(tmp_path_factory):
+  """A smoke run trained end to end on the embedded corpus through a cache of its own."""
   workdir = str(tmp_path_factory.mktemp("bert_trained"))
-  config = bert_pretrain.get_config("smoke")
+  cache = tmp_path_factory.mktemp("bert_cache")
+  config = _smoke_config(cache)
   bert_pretrain.run(config, workdir)
+  (folder,) = _prepared(cache)
+  assert (folder / docfile.MANIFEST).exists() and list((cache / "bert").glob("embedded-*.txt"))
   return config, workdir
 
 
@@ -253,9 +379,15 @@ def test_pretraining_continues_from_an_imported_checkpoint(trained_smoke, tmp_pa
   with imported.unlocked():
     imported.model.init_from = exported
     imported.model.size = "base"  # ignored: the checkpoint's sizes win
-  tok, _, _ = bert_pretrain.build_data(imported, str(tmp_path / "run"))
+  tok, _, _ = bert_pretrain.make_data(imported, str(tmp_path / "run"))
   model = bert_pretrain.make_model(imported, tok.vocab_size)
-  start, _ = bert_pretrain.init_fn(model, imported)(jax.random.key(0))
+  init = bert_pretraining.init_fn(
+    model,
+    seq_len=imported.data.seq_len,
+    max_predictions=imported.data.max_predictions,
+    init_from=imported.model.init_from,
+  )
+  start, _ = init(jax.random.key(0))
   _, trained_params, trained_tok = bert_pretrain._trained_model(config, workdir)
   assert tok.vocab_size == trained_tok.vocab_size and model.config.hidden == 32
   for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(trained_params)):

@@ -244,6 +244,18 @@ def test_tiny_corpus_and_documents_longer_than_seq_len(data, tmp_path):
   assert it.epoch >= 2
 
 
+def test_max_documents_reads_a_prefix_on_the_same_sides_of_the_split(data):
+  out = data[0]
+  common = dict(batch_size=8, seq_len=T, max_predictions=P, eval_fraction=0.2)
+  n = prepared.PreparedDocs(out).num_documents // 2
+  for split in ("train", "eval"):
+    whole = shards.PreparedBatches(out, split=split, **common).doc_ids
+    part = shards.PreparedBatches(out, split=split, max_documents=n, **common).doc_ids
+    assert 0 < len(part) < len(whole) and part.tolist() == [g for g in whole if g < n]
+  with pytest.raises(ValueError, match="max_documents=-1"):
+    shards.PreparedBatches(out, max_documents=-1, **common)
+
+
 def test_unigram_counts_and_validation(data):
   out, docs, tok = data
   it = shards.PreparedBatches(out, batch_size=8, seq_len=T, max_predictions=P, eval_fraction=0.0)

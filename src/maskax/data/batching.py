@@ -4,6 +4,10 @@
 batches; process p reads rows [p * B/n, (p + 1) * B/n) of each global batch. `BertBatches`
 turns BERT instances into the batches `models/bert.py` trains on. State is (epoch, position),
 so `set_state(get_state())` continues bitwise identically, in one process or many.
+
+Training reads prepared shards (`maskax.data.shards`, through `bert_cache`); `BertBatches`, which
+builds every instance in memory, stays as the reference those are checked against
+(tests/shards_test.py) and measured against (benchmarks/bert_data_bench.py).
 """
 
 import numpy as np

@@ -88,7 +88,7 @@ def _tokenizer(out: pathlib.Path):
   return _TOKENIZER_CACHE[out]
 
 
-def _doc_hash(sentences: list[str]) -> int:
+def doc_hash(sentences: list[str]) -> int:
   """64 bits of BLAKE2b of the text: the held-out split then follows the text, not its order."""
   digest = hashlib.blake2b("\n".join(sentences).encode(), digest_size=8).digest()
   return int.from_bytes(digest, "little")
@@ -117,7 +117,7 @@ def run_unit(job: tuple) -> dict:
         continue
       if writer is None:
         writer = docfile.ShardWriter(out / f"docs-{index:06d}-{len(shards):04d}.bin", dtype)
-      writer.add(ids, _doc_hash(doc))
+      writer.add(ids, doc_hash(doc))
       if writer.num_docs >= per_shard:
         shards.append(writer.finish())
         writer = None

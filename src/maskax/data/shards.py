@@ -68,6 +68,8 @@ class PreparedBatches:
   masked_lm_weights f32[B, P], next_sentence_labels i32[B], original_ids i32[B, T].
   `split` is "train" or "eval": the documents `prepared.held_out` keeps for evaluation (fixed by
   eval_fraction and split_seed), whose NSP random segments come from held-out documents only.
+  `max_documents` > 0 reads only the corpus's first documents (in prepared order), each on the
+  side of the split it has in the whole corpus (quick runs and tests on a slice).
   """
 
   def __init__(
@@ -90,6 +92,7 @@ class PreparedBatches:
     dupe_factor: int | None = None,
     num_epochs: int | None = None,
     window_docs: int = 4096,
+    max_documents: int = 0,
   ):
     rules = [
       (masking in ("static", "dynamic"), "masking", "must be 'static' or 'dynamic'"),
@@ -110,6 +113,7 @@ class PreparedBatches:
       (0 <= process_index < process_count, "process_index", f"must be in [0, {process_count})"),
       (isinstance(seed, (int, np.integer)) and seed >= 0, "seed", "must be an int >= 0"),
       (window_docs >= batch_size, "window_docs", f"must be >= batch_size={batch_size}"),
+      (max_documents >= 0, "max_documents", "must be >= 0 (0: every document)"),
     ]
     for ok, name, rule in rules:
       if not ok:
@@ -119,8 +123,11 @@ class PreparedBatches:
     )
     self.tokenizer = self.docs.tokenizer()
     is_eval = prepared_lib.held_out(self.docs.doc_hashes(), eval_fraction, split_seed)
+    chosen = is_eval if split == "eval" else ~is_eval
+    if max_documents:  # The corpus's first documents only; the split stays the hash's.
+      chosen[max_documents:] = False
     index = np.int32 if self.docs.num_documents < 2**31 else np.int64
-    self.doc_ids = np.flatnonzero(is_eval if split == "eval" else ~is_eval).astype(index)
+    self.doc_ids = np.flatnonzero(chosen).astype(index)
     if len(self.doc_ids) < 2:
       raise ValueError(
         f"split={split!r} holds {len(self.doc_ids)} document(s) of "

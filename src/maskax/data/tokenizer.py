@@ -6,7 +6,6 @@ Special-token ids of a tokenizer trained here: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=
 prediction slots hold id 0.
 """
 
-import hashlib
 import json
 import os
 import pathlib
@@ -193,33 +192,3 @@ def from_vocab_txt(path: str | os.PathLike, *, lowercase: bool = True) -> WordPi
   tok.add_special_tokens(list(SPECIAL_TOKENS))  # Already in the vocab: keeps their ids.
   _add_post_processor(tok)
   return WordPieceTokenizer(tok)
-
-
-def for_run(
-  documents: list[list[str]], vocab_size: int, workdir: str, *, vocab_file: str = ""
-) -> WordPieceTokenizer:
-  """A run's tokenizer: the user's `vocab_file`, or WordPiece trained once per corpus.
-
-  HF tokenizers' WordPiece training is not reproducible run to run, not even single-threaded
-  (tokenizers#1794), so a tokenizer is trained once per (training text, vocab size) and kept
-  in a shared cache ($MASKAX_CACHE, default ~/.cache/maskax): every run of a sweep, every
-  resume and every process then sees the same vocabulary. `workdir/tokenizer.json` keeps a
-  copy as the run's record (what `load` reads back to use the trained model).
-  """
-  if vocab_file:
-    return from_vocab_txt(vocab_file)
-  import jax  # only here: the rest of this module is pure Python
-
-  path = os.path.join(workdir, "tokenizer.json")
-  text = "\n\n".join("\n".join(doc) for doc in documents)
-  key = hashlib.sha256(f"{vocab_size}\n{text}".encode()).hexdigest()[:16]
-  cache_dir = os.environ.get("MASKAX_CACHE", os.path.expanduser("~/.cache/maskax"))
-  cached = os.path.join(cache_dir, "tokenizers", f"wordpiece-{key}.json")
-  if jax.process_index() == 0 and not os.path.exists(path):
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    load_or_train(cached, documents, vocab_size).save(path)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices("tokenizer written")
-  return load_or_train(path, documents, vocab_size)

@@ -100,3 +100,17 @@ def next_sentence_probability(model: bert.Bert, params, tokenizer, pairs: list[s
   positions = np.zeros((len(pairs), 1), np.int32)  # the MLM head is not read here
   logits = _run(model, params, ids, segments, mask, positions)["nsp_logits"]
   return [float(p) for p in np.asarray(jax.nn.softmax(logits, axis=-1))[:, 0]]
+
+
+def predict_lines(model: bert.Bert, params, tokenizer, lines: list[str], *, top_k: int = 5):
+  """One record per line: `{"input", "masks"}` (`fill_mask`'s slots) for a line with [MASK],
+  `{"input", "is_next_probability"}` for a 'first ||| second' line."""
+  out = []
+  for line in lines:
+    if PAIR_SEPARATOR in line:
+      (p,) = next_sentence_probability(model, params, tokenizer, [line])
+      out.append({"input": line, "is_next_probability": p})
+    else:
+      (slots,) = fill_mask(model, params, tokenizer, [line], top_k=top_k)
+      out.append({"input": line, "masks": slots})
+  return out

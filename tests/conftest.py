@@ -13,8 +13,8 @@ import tempfile  # noqa: E402
 
 # Shared caches (the WordPiece tokenizer) go to a throwaway folder, not the user's ~/.cache.
 os.environ.setdefault("MASKAX_CACHE", tempfile.mkdtemp(prefix="maskax-test-cache-"))
-# One persistent XLA compilation cache for the session (set here, in the pytest-xdist controller,
-# before the workers start), shared by every worker and every launch subprocess: the suite
+# One persistent XLA compilation cache for the session, shared by this process and every launch
+# subprocess: the suite
 # compiles the same smoke models dozens of times (a char_rnn smoke launch takes 25 s cold,
 # 17.6 s with the cache warm; its losses are bitwise the same either way).
 os.environ.setdefault(
@@ -22,8 +22,8 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
-# A size bound turns on the cache's file lock (filelock), which the pytest-xdist workers and
-# launch subprocesses that read and write the cache at the same time need.
+# A size bound turns on the cache's file lock (filelock), which processes that read and write
+# the cache at the same time (a two-process launch) need.
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import jax  # noqa: E402

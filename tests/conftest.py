@@ -20,7 +20,8 @@ os.environ.setdefault("MASKAX_CACHE", tempfile.mkdtemp(prefix="maskax-test-cache
 os.environ.setdefault(
   "JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="maskax-test-xla-cache-")
 )
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Only compilations of a second or more: writing every tiny jit to disk costs more than it saves.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 # A size bound turns on the cache's file lock (filelock), which processes that read and write
 # the cache at the same time (a two-process launch) need.

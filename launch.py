@@ -51,8 +51,8 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string(
   "workdir",
   None,
-  "Run folder (default runs/NAME/PRESET): config, metrics, "
-  "checkpoints, sweep results. Re-running resumes from it.",
+  "Run folder (default runs/NAME/PRESET), or a gs://BUCKET/PATH URL (needs gcsfs): "
+  "config, metrics, checkpoints, sweep results. Re-running resumes from it.",
 )
 flags.DEFINE_bool("list", False, "List every experiment with its presets and purpose, then exit.")
 flags.DEFINE_multi_string(

@@ -42,7 +42,7 @@ from experiments import common
 from maskax.data import chars, corpus
 from maskax.masking import losses
 from maskax.models import char_rnn
-from maskax.training import evaluation, restore, sharding, train
+from maskax.training import evaluation, paths, restore, sharding, train
 
 PRESETS = {
   "default": "embedding 64, GRU 256, batch 32 x 100, 1.6 M characters (about 3 min, 2-core CPU)",
@@ -150,7 +150,7 @@ def make_data(config, workdir: str | None = None):
   (or the workdir's vocab.json, so generation uses the vocabulary the model was trained with)."""
   text = corpus.load_text(config.data.path or None)[: config.data.max_chars or None]
   path = os.path.join(workdir, VOCAB_FILE) if workdir else None
-  saved = chars.load_vocab(path) if path and os.path.exists(path) else None
+  saved = chars.load_vocab(path) if path and paths.as_path(path).exists() else None
   vocab, train_ids, held_out = chars.split_text(text, config.data.eval_fraction, vocab=saved)
   if path and saved is None and jax.process_index() == 0:
     chars.save_vocab(path, vocab)
@@ -222,8 +222,8 @@ def make_extra_eval(config, model, vocab, workdir: str):
       step = int(jax.device_get(state.step))
       for prompt, text in zip(_prompts(config), texts):
         logging.info("sample at step %d: %r", step, prompt + text)
-        with open(os.path.join(workdir, "samples.txt"), "a", encoding="utf-8") as f:
-          f.write(f"--- step {step} ---\n{prompt}{text}\n")
+        sample_text = f"--- step {step} ---\n{prompt}{text}\n"
+        paths.append_text(os.path.join(workdir, "samples.txt"), sample_text)
     return {}
 
   return log_sample

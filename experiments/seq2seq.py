@@ -34,7 +34,7 @@ import optax
 from experiments import common
 from maskax.data import iterators, translation
 from maskax.models import seq2seq
-from maskax.training import evaluation, restore, train
+from maskax.training import evaluation, paths, restore, train
 
 PRESETS = {
   "default": "GRU 128 + Luong attention, numbers up to 9 digits, 1,500 steps (~65 s, 2-core CPU)",
@@ -200,7 +200,7 @@ def make_extra_eval(mc, config, data: translation.TranslationData):
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data = make_data(config)
   if jax.process_index() == 0:  # saved with the run: predict() must not depend on the data
-    os.makedirs(workdir, exist_ok=True)
+    paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
     vocabs = (data.source_vocab, data.target_vocab)
     translation.save_vocabularies(os.path.join(workdir, VOCAB_FILE), *vocabs)
   mc = make_model(config, len(data.source_vocab), len(data.target_vocab))

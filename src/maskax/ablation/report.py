@@ -14,6 +14,7 @@ intervals, which at 3 seeds are 2.5 times wider and would drown the figure.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import re
@@ -26,6 +27,7 @@ matplotlib.use("Agg")  # files only; no display on servers or CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from maskax.ablation import stats, sweep  # noqa: E402
+from maskax.training import paths  # noqa: E402
 
 CONFIDENCE = 0.95
 CSV_COLUMNS = (
@@ -66,8 +68,8 @@ def load_sweep(workdir: str) -> tuple[dict, dict[str, dict | None]]:
 
 def _infer_manifest(workdir: str) -> dict:
   runs = []
-  for name in sorted(os.listdir(workdir)):
-    if os.path.isfile(os.path.join(workdir, name, "metrics.jsonl")):
+  for name in sorted(p.name for p in paths.as_path(workdir).iterdir()):
+    if paths.as_path(os.path.join(workdir, name, "metrics.jsonl")).is_file():
       match = re.fullmatch(r"(?:(.*),)?seed=(\d+)", name)
       cell, seed = (match[1] or "all", int(match[2])) if match else (name, None)
       runs.append({"dir": name, "cell": cell, "seed": seed, "values": {}})
@@ -182,24 +184,27 @@ def markdown(manifest: Mapping, rows: Sequence[Mapping], unfinished: Sequence[st
 
 def write_csv(path: str, manifest: Mapping, rows: Sequence[Mapping]) -> None:
   """One line per (cell, metric), machine-readable: key columns, then `CSV_COLUMNS`."""
-  with open(path, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(_key_columns(manifest) + list(CSV_COLUMNS))
-    nan = math.nan
-    for row in rows:
-      s, d = row["summary"], row["diff"]
-      writer.writerow(
-        _key_values(manifest, row)
-        + [
-          row["metric"],
-          s.n,
-          s.mean,
-          s.std,
-          s.low,
-          s.high,
-          *((d.n, d.mean, d.low, d.high) if d is not None else (0, nan, nan, nan)),
-        ]
-      )
+  # Built in memory and written once, as bytes: an epath file takes no `newline=""` (csv ends
+  # its lines in \r\n itself), and an object is written whole anyway.
+  buffer = io.StringIO(newline="")
+  writer = csv.writer(buffer)
+  writer.writerow(_key_columns(manifest) + list(CSV_COLUMNS))
+  nan = math.nan
+  for row in rows:
+    s, d = row["summary"], row["diff"]
+    writer.writerow(
+      _key_values(manifest, row)
+      + [
+        row["metric"],
+        s.n,
+        s.mean,
+        s.std,
+        s.low,
+        s.high,
+        *((d.n, d.mean, d.low, d.high) if d is not None else (0, nan, nan, nan)),
+      ]
+    )
+  paths.as_path(path).write_bytes(buffer.getvalue().encode())
 
 
 def curves(records: Sequence[Mapping[str, Any]], metric: str) -> dict[int, tuple[float, float]]:
@@ -263,7 +268,10 @@ def plot(
   if over_seeds:
     axes[0][0].set_title("mean over seeds ± 1 std", fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  # Through a file object, so that the figure can go to a URL; the name's extension still picks
+  # the format, as it does for savefig(path).
+  with paths.as_path(path).open("wb") as f:
+    fig.savefig(f, format=os.path.splitext(path)[1][1:] or None, dpi=110)
   plt.close(fig)
   return path
 
@@ -279,8 +287,7 @@ def write_sweep_report(workdir: str) -> tuple[str, str, str]:
   rows = summarize_sweep(manifest, finals, metrics)
   unfinished = [d for d, f in finals.items() if f is None]
   md, csv_path = os.path.join(workdir, "results.md"), os.path.join(workdir, "results.csv")
-  with open(md, "w") as f:
-    f.write(markdown(manifest, rows, unfinished))
+  paths.as_path(md).write_text(markdown(manifest, rows, unfinished))
   write_csv(csv_path, manifest, rows)
   groups: dict[str, list] = {}
   for r in manifest["runs"]:
@@ -315,10 +322,12 @@ def main(argv: Sequence[str]) -> int:
     return 2
   workdir = argv[0]
   try:
-    if not os.path.isdir(workdir):
+    paths.check_backend(workdir, "DIR")
+    if not paths.as_path(workdir).is_dir():
       raise FileNotFoundError(f"{workdir} is not a directory.")
-    if sweep.read_manifest(workdir) is None and os.path.isfile(
-      os.path.join(workdir, "metrics.jsonl")
+    if (
+      sweep.read_manifest(workdir) is None
+      and paths.as_path(os.path.join(workdir, "metrics.jsonl")).is_file()
     ):
       print(f"wrote {write_run_report(workdir)}")
       return 0
@@ -326,8 +335,7 @@ def main(argv: Sequence[str]) -> int:
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  with open(md) as f:
-    print(f.read())
+  print(paths.as_path(md).read_text())
   print(f"wrote {md}, {csv_path}, {png}")
   return 0
 

@@ -23,6 +23,8 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
+from maskax.training import paths
+
 MANIFEST_FILE = "sweep.json"
 FINAL_FILE = "final.json"
 
@@ -168,9 +170,8 @@ def read_manifest(workdir: str) -> dict | None:
 
 
 def last_checkpoint_step(workdir: str) -> int | None:
-  path = os.path.join(workdir, "checkpoints")
-  steps = [int(n) for n in os.listdir(path) if n.isdigit()] if os.path.isdir(path) else []
-  return max(steps) if steps else None
+  steps = paths.committed_steps(os.path.join(workdir, "checkpoints"))
+  return steps[-1] if steps else None
 
 
 def write_final(
@@ -199,7 +200,7 @@ def is_finished(workdir: str, config: Mapping[str, Any]) -> bool:
   if final is None or _canonical(final.get("config")) != _canonical(config):
     return False
   step = final.get("step")
-  return step is None or os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+  return step is None or paths.as_path(os.path.join(workdir, "checkpoints", str(step))).is_dir()
 
 
 def _canonical(value) -> str:
@@ -207,15 +208,13 @@ def _canonical(value) -> str:
 
 
 def _read_json(path: str):
-  if not os.path.exists(path):
+  path = paths.as_path(path)
+  if not path.exists():
     return None
-  with open(path) as f:
+  with path.open() as f:
     return json.load(f)
 
 
 def _write_json(path: str, value) -> None:
-  # Atomic (os.replace), so a kill mid-write never leaves a half file that reads as finished.
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
+  # Atomic, so a kill mid-write never leaves a half file that reads as finished.
+  paths.write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=str))

@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from maskax.data import iterators
+from maskax.training import paths
 
 UNKNOWN = 0  # id of every character outside the vocabulary; generation must never emit it
 UNKNOWN_CHAR = "\ufffd"  # how `decode` shows it
@@ -104,17 +105,15 @@ def split_text(text: str, eval_fraction: float, *, vocab: CharVocab | None = Non
 def save_vocab(path: str, vocab: CharVocab) -> None:
   """Writes `vocab` to `path` (JSON), creating its folder: a run's vocabulary, saved with it so
   that generation reads and writes the ids the model learned."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(vocab.to_json())
+  paths.as_path(os.path.dirname(path) or ".").mkdir(parents=True, exist_ok=True)
+  paths.as_path(path).write_text(vocab.to_json())
 
 
 def load_vocab(path: str) -> CharVocab:
   """The vocabulary `save_vocab` wrote; FileNotFoundError when the run has none."""
-  if not os.path.exists(path):
+  if not paths.as_path(path).exists():
     raise FileNotFoundError(f"{path} is missing: the run's vocabulary is needed to read text.")
-  with open(path, encoding="utf-8") as f:
-    return CharVocab.from_json(f.read())
+  return CharVocab.from_json(paths.as_path(path).read_text())
 
 
 def unigram_bpc(train_ids, held_out, vocab_size: int) -> float:

@@ -103,6 +103,8 @@ def write_prediction_grid(
   import matplotlib.pyplot as plt
   from matplotlib.colors import ListedColormap
 
+  from maskax.training import paths
+
   colours = [(0.1, 0.1, 0.1)] + [plt.get_cmap("tab10")(i)[:3] for i in range(num_classes - 1)]
   cmap = ListedColormap(colours + [(1.0, 1.0, 1.0)])
   to_index = lambda x: np.where(x == ignore_label, num_classes, x)
@@ -123,7 +125,8 @@ def write_prediction_grid(
   if title:
     fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with paths.as_path(path).open("wb") as f:  # a file object: `path` may be in a URL workdir
+    fig.savefig(f, format="png", dpi=100)
   plt.close(fig)
   return path
 

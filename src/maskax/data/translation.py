@@ -31,6 +31,7 @@ from absl import logging
 
 from maskax.data import iterators, user_files
 from maskax.masking.tokens import EOS, GO, PAD, SPECIALS, UNK
+from maskax.training import paths
 
 STYLES = ("british", "american", "digits", "mixed")
 
@@ -210,22 +211,16 @@ def save_vocabularies(path: str, source: Vocabulary, target: Vocabulary) -> None
   """Writes both sides' words to `path` (JSON) atomically: a run's vocabularies, saved with it
   so that a trained model reads and writes the ids it learned (rebuilding them from the data
   needs the data, and a changed file would silently shuffle the ids)."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(
-      {
-        side: {"words": list(v.words), "num_real": v.num_real}
-        for side, v in (("source", source), ("target", target))
-      },
-      f,
-      ensure_ascii=False,
-    )
-  os.replace(tmp, path)
+  saved = {
+    side: {"words": list(v.words), "num_real": v.num_real}
+    for side, v in (("source", source), ("target", target))
+  }
+  paths.write_text_atomic(path, json.dumps(saved, ensure_ascii=False))
 
 
 def load_vocabularies(path: str) -> tuple[Vocabulary, Vocabulary]:
   """(source, target) as `save_vocabularies` wrote them."""
-  with open(path, encoding="utf-8") as f:
+  with paths.as_path(path).open() as f:
     saved = json.load(f)
   return tuple(
     Vocabulary(tuple(saved[side]["words"]), saved[side]["num_real"])

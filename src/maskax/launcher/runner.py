@@ -21,7 +21,7 @@ import ml_collections
 from absl import logging
 
 from maskax.ablation import report, sweep
-from maskax.training import progress, runs, workdir_lock
+from maskax.training import paths, progress, runs, workdir_lock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,8 +155,7 @@ def run_sweep(module, config, workdir: str, options: Options) -> None:
       durations.append(time.perf_counter() - started)
     if jax.process_index() == 0:
       md, csv_path, png = report.write_sweep_report(workdir)
-      with open(md) as f:
-        print(f.read())
+      print(paths.as_path(md).read_text())
       print(f"wrote {md}, {csv_path}, {png}")
 
 
@@ -202,7 +201,11 @@ def use_trained(module, name: str, config, workdir: str, options: Options) -> No
   kwargs = {}
   if "out_dir" in inspect.signature(module.predict).parameters:  # its predictions are files
     out_dir = os.path.realpath(options.predict_out)
-    if os.path.commonpath([out_dir, os.path.realpath(workdir)]) == os.path.realpath(workdir):
+    # A local folder never lies in a URL workdir (and realpath would mangle the URL).
+    inside = not paths.is_url(workdir) and os.path.commonpath(
+      [out_dir, os.path.realpath(workdir)]
+    ) == os.path.realpath(workdir)
+    if inside:
       raise ValueError(
         f"--predict_out={options.predict_out} lies in the workdir {workdir}; "
         "predictions never go into the training record: pick another folder."

@@ -38,7 +38,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from maskax.training import integrity
+from maskax.training import integrity, paths
 
 ITEMS = ("state", "data", "loop", "integrity")
 # Restore attempts on a read error before the run stops, and the pause before each retry:
@@ -76,11 +76,11 @@ def unreadable_file(path: str) -> str | None:
   (or a folder that cannot be listed); None when every present file reads. A missing file is
   not reported: that is damage, not a read error."""
   problems = []
-  for root, _, files in os.walk(path, onerror=problems.append):
+  for root, _, files in paths.as_path(path).walk(on_error=problems.append):
     for name in files:
       file = os.path.join(root, name)
       try:
-        with open(file, "rb") as f:
+        with paths.as_path(file).open("rb") as f:
           f.read(1)
       except FileNotFoundError:
         continue
@@ -124,7 +124,10 @@ class Checkpointer:
       raise ValueError(f"train.checkpoint_every={every} must be positive.")
     if keep <= 0:
       raise ValueError(f"train.keep_checkpoints={keep} must be positive.")
-    self.directory = os.path.abspath(directory)
+    # A URL goes to orbax as it is: orbax lists and renames through epath and writes arrays
+    # through tensorstore's own gcs driver (with its own credentials: `gcloud auth
+    # application-default login`, or the VM's service account).
+    self.directory = paths.absolute(directory)
     self.every = every
     self.read_backoff_s = tuple(read_backoff_s)
     options = ocp.CheckpointManagerOptions(
@@ -316,7 +319,9 @@ class Checkpointer:
       stamp = time.strftime("%Y%m%d-%H%M%S")
       for step in steps:
         source = self._step_path(step)
-        os.rename(source, f"{source}.corrupt-{stamp}")
+        # On an object store this is a copy of every object, then a delete: not atomic, but a
+        # kill half-way leaves the step still damaged, and set aside again by the next resume.
+        paths.as_path(source).rename(f"{source}.corrupt-{stamp}")
     ocp.multihost.sync_global_processes("maskax_set_aside_corrupt_checkpoints")
     self._manager.reload()
 

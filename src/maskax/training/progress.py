@@ -19,15 +19,20 @@ import functools
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import types
+import weakref
 from typing import Mapping
 
 import jax
 from absl import logging
 from jax import monitoring
+
+from maskax.training import paths
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -44,9 +49,9 @@ def read_metrics(workdir: str) -> list[dict]:
 
 def _read_records(path: str) -> tuple[list[dict], bool]:
   """`(records, torn)`: torn says that a torn last line was dropped."""
-  if not os.path.exists(path):
+  if not paths.as_path(path).exists():
     return [], False
-  with open(path) as f:
+  with paths.as_path(path).open() as f:
     lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
   # Without its newline, the last line would be glued to the next record appended.
   records, torn = [], bool(lines) and not lines[-1][1].endswith("\n")
@@ -80,30 +85,44 @@ class MetricWriter:
     self.path = os.path.join(workdir, METRICS_FILE)
     self.active = jax.process_index() == 0
     self._events = None
+    # Object stores have no append: for a URL workdir the file's whole text is kept here and
+    # every record rewrites the (small) object in one write, which readers see whole or not at
+    # all. (GCS takes about one write a second per object; gcsfs retries faster ones with
+    # backoff, so only runs that log several times a second pay for it.) None: a local file,
+    # appended to.
+    self._text: str | None = None
+    kept = None
     if self.active and resume_step >= 0:
-      self._truncate_after(resume_step)
+      kept = self._truncate_after(resume_step)
+    if self.active and paths.is_url(workdir):
+      kept = _read_records(self.path)[0] if kept is None else kept
+      self._text = "".join(json.dumps(r) + "\n" for r in kept)
     if self.active:
       self._events = _open_events(workdir, purge_step=resume_step + 1 if resume_step >= 0 else None)
 
-  def _truncate_after(self, step: int) -> None:
+  def _truncate_after(self, step: int) -> list[dict]:
     # A killed run may have logged steps past its last checkpoint; the resumed run recomputes
     # them, so drop those lines to keep one record per (step, kind).
     # A torn last line is dropped by read_metrics; rewriting then repairs the file.
     records, torn = _read_records(self.path)
     kept = [r for r in records if r.get("step", 0) <= step]
     if torn or len(kept) != len(records):
-      tmp = f"{self.path}.tmp{os.getpid()}"
-      with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-      os.replace(tmp, self.path)  # a kill during the rewrite leaves the old file whole
+      # A kill during the rewrite leaves the old file whole.
+      paths.write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
 
   def write(self, step: int, metrics: Mapping[str, float], *, elapsed: float) -> None:
     if not self.active:
       return
     record = {"step": int(step), "time": round(float(elapsed), 4)}
     record.update({k: _jsonable(v) for k, v in metrics.items()})
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    if self._text is None:
+      with paths.as_path(self.path).open("a") as f:
+        f.write(line)
+    else:
+      self._text += line
+      paths.write_text_atomic(self.path, self._text)
     if self._events is not None:
       tbx = _tensorboardx()
       now = time.time()
@@ -141,7 +160,11 @@ def _open_events(workdir: str, *, purge_step: int | None):
     return None
   # The writer names its file by the second; the suffix keeps a second file in the same second
   # (a quick resume) from overwriting the first, and sorts after it as TensorBoard reads them.
-  events = tbx.EventsWriter(os.path.join(workdir, "events"), f".{time.time_ns()}")
+  suffix = f".{time.time_ns()}"
+  if paths.is_url(workdir):
+    events = _UploadedEvents(tbx, workdir, suffix)
+  else:
+    events = tbx.EventsWriter(os.path.join(workdir, "events"), suffix)
   if purge_step is not None:
     events.write_event(
       tbx.Event(
@@ -152,6 +175,39 @@ def _open_events(workdir: str, *, purge_step: int | None):
     )
   events.flush()
   return events
+
+
+class _UploadedEvents:
+  """An EventsWriter for a URL workdir: it writes a local temporary file, and every flush
+  uploads that whole file to the workdir (one object write, through epath).
+
+  Not tensorboardX's own gs:// writer, which also re-uploads its whole buffer at each flush: it
+  talks to GCS through google-cloud-storage, with a client and credential lookup of its own.
+  Through epath the events use the backend, credentials and start-up check
+  (`paths.check_backend`) of every other file in the workdir. Event files of scalars stay small,
+  so rewriting one at each log step costs about what rewriting metrics.jsonl does.
+  """
+
+  def __init__(self, tbx, workdir: str, suffix: str):
+    local_dir = tempfile.mkdtemp(prefix="maskax-events-")
+    # MetricWriter is not always closed (a run that raises): the folder goes with the object.
+    weakref.finalize(self, shutil.rmtree, local_dir, ignore_errors=True)
+    self._writer = tbx.EventsWriter(os.path.join(local_dir, "events"), suffix)
+    (name,) = os.listdir(local_dir)  # the writer creates its file at once, named as it likes
+    self._local = os.path.join(local_dir, name)
+    self._remote = paths.as_path(workdir) / name
+
+  def write_event(self, event) -> None:
+    self._writer.write_event(event)
+
+  def flush(self) -> None:
+    self._writer.flush()
+    with open(self._local, "rb") as f:
+      self._remote.write_bytes(f.read())
+
+  def close(self) -> None:
+    self.flush()
+    self._writer.close()
 
 
 @functools.cache

@@ -23,6 +23,7 @@ from etils import epath
 
 from maskax.training import checkpoint as ckpt_lib
 from maskax.training import integrity
+from maskax.training import paths
 from maskax.training import runs
 
 # The parts of the train state a model needs at inference (`train.TrainState` field names).
@@ -40,12 +41,6 @@ class Trained:
   workdir: str
 
 
-def _steps(checkpoint_dir: str) -> list[int]:
-  if not os.path.isdir(checkpoint_dir):
-    return []
-  return sorted(int(n) for n in os.listdir(checkpoint_dir) if n.isdigit())
-
-
 def restore_params(workdir: str, step: int | None = None) -> Trained:
   """The parameters and model state of `workdir`'s newest checkpoint (or of `step`).
 
@@ -55,8 +50,8 @@ def restore_params(workdir: str, step: int | None = None) -> Trained:
   exists but cannot be read).
   """
   # Absolute: orbax cannot read a checkpoint through a relative path (`--workdir=runs/x`).
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  steps = _steps(directory)
+  directory = os.path.join(paths.absolute(workdir), "checkpoints")
+  steps = paths.committed_steps(directory)
   if not steps:
     raise FileNotFoundError(
       f"{workdir} holds no checkpoint: train it first (the same launch "

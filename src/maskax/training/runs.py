@@ -18,6 +18,8 @@ from typing import Any, Iterable, Mapping
 
 from absl import logging
 
+from maskax.training import paths
+
 CONFIG_FILE = "config.json"
 TOPOLOGY_FILE = "topology.json"
 
@@ -110,24 +112,21 @@ def checkpoint_run_record(workdir: str) -> tuple[dict[str, Any], int] | None:
 
 
 def has_checkpoint(workdir: str) -> bool:
-  path = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(path) and any(n.isdigit() for n in os.listdir(path))
+  return bool(paths.committed_steps(os.path.join(workdir, "checkpoints")))
 
 
 def _read_json(path: str) -> Any:
-  if not os.path.exists(path):
+  path = paths.as_path(path)
+  if not path.exists():
     return None
-  with open(path) as f:
+  with path.open() as f:
     return json.load(f)
 
 
 def _write_json_atomic(path: str, value: Any) -> None:
   # Other processes of a multi-host job read this file while process 0 rewrites it: they must
-  # see the old or the new text, never half of it (os.replace is atomic on POSIX).
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  # see the old or the new text, never half of it.
+  paths.write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True))
 
 
 def write_config(
@@ -185,7 +184,7 @@ def write_config(
       )
   if is_writer:
     try:
-      os.makedirs(workdir, exist_ok=True)
+      paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
       _write_json_atomic(path, _jsonify(config))
       if topology is not None:
         _write_json_atomic(topo_path, _jsonify(topology))
@@ -219,18 +218,13 @@ _VALUE_RULES = {
 
 
 def check_workdir(workdir: str) -> None:
-  """Raises a ValueError for a workdir maskax cannot use, before anything is written.
+  """Raises a one-line ValueError for a workdir maskax cannot use, before anything is written.
 
-  A URL (`gs://bucket/run`) would otherwise be created as a local folder named `gs:` and the run
-  would die at its first checkpoint. Object-store workdirs need every file operation to go
-  through one path layer (issue 16); until then, mount the bucket.
+  A local path or a `gs://` URL is fine; a URL whose backend is not installed (gcsfs) or whose
+  scheme maskax cannot checkpoint to would otherwise fail at the first file written, or worse,
+  at the first checkpoint after minutes of training (`maskax.training.paths.check_backend`).
   """
-  scheme, sep, _ = workdir.partition("://")
-  if sep:
-    raise ValueError(
-      f"--workdir={workdir}: {scheme}:// workdirs are not supported yet; mount the "
-      "bucket (e.g. gcsfuse) and pass the mounted path instead."
-    )
+  paths.check_backend(workdir, "--workdir")
 
 
 def check_values(config: Mapping[str, Any]) -> None:

@@ -13,7 +13,9 @@ the lock for a bounded time (`wait_s`). On a pod only process 0 takes the lock; 
 tells the other processes whether it got it (`hold`).
 
 Limits: `flock` needs a local or NFS file system; on one that has no locks (some FUSE mounts)
-the run goes on with a warning. Object-store workdirs (`gs://`) are not locked here.
+the run goes on with a warning. Object-store workdirs (`gs://`) have no locks and are not locked
+here either: the run says so in a warning, and keeping one run per such workdir is up to the
+scheduler (one job per workdir).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import sys
 import time
 
 from absl import logging
+
+from maskax.training import paths
 
 LOCK_FILE = "run.lock"
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
@@ -70,6 +74,14 @@ class WorkdirLock:
       return {}
 
   def acquire(self) -> None:
+    if paths.is_url(self.workdir):
+      # An object store offers no flock; a lock file there could not be released by a kill.
+      logging.warning(
+        "workdir %s is on an object store, which has no file locks: it is not locked, so"
+        " nothing stops a second run from writing into it at the same time.",
+        self.workdir,
+      )
+      return
     try:
       os.makedirs(self.workdir, exist_ok=True)
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

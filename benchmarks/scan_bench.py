@@ -99,7 +99,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=None)
   args = parser.parse_args()
   if args.quick:
-    batch, steps, features, hiddens, repeats, peak_size = 8, 20, 16, (16, 32), 3, 512
+    batch, steps, features, hiddens, repeats, peak_size = 8, 20, 16, (16,), 3, 512
   else:
     batch, steps, features, hiddens, repeats, peak_size = 64, 100, 256, (256, 512), 5, 2048
   repeats = args.repeats or repeats

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import launch
+from conftest import launch_here
 from experiments import bert_pretrain
 from maskax.masking import losses
 from maskax.data import bert_cache, corpus, docfile, prepare
@@ -27,7 +27,8 @@ def setup(tmp_path_factory):
     bert.BertConfig.preset("smoke", tok.vocab_size, dropout=0.0, attention_dropout=0.0)
   )
   batch = {k: jnp.asarray(v) for k, v in next(train_data).items()}
-  params = model.init(
+  # Jitted: eagerly, every op of the model would compile a program of its own.
+  params = jax.jit(model.init, static_argnames="train")(
     jax.random.key(0),
     batch["input_ids"],
     batch["segment_ids"],
@@ -42,7 +43,7 @@ def _loss(setup, reduction, batch=None):
   config, tok, model, params, default_batch = setup
   with config.unlocked():
     config.loss.mlm_reduction = reduction
-  loss_fn = bert_pretrain.make_loss(model, config, tok.mask_id)
+  loss_fn = jax.jit(bert_pretrain.make_loss(model, config, tok.mask_id), static_argnames="train")
   return loss_fn(
     params, {}, default_batch if batch is None else batch, jax.random.key(1), train=False
   )
@@ -75,7 +76,7 @@ def test_batch_without_any_mask_gives_zero_mlm_and_finite_grads(setup):
     terms, _, _ = loss_fn(p, {}, empty, jax.random.key(1), train=False)
     return sum(losses.safe_div(t, w) for t, w in terms.values())
 
-  value, grads = jax.value_and_grad(objective)(params)
+  value, grads = jax.jit(jax.value_and_grad(objective))(params)
   assert np.isfinite(value)
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
   # Only NSP trains the MLM head's output bias when nothing is masked: its gradient is zero.
@@ -242,21 +243,21 @@ def test_other_processes_wait_for_process_0_with_a_bound(text_corpus, tmp_path):
 @pytest.mark.slow
 def test_smoke_trains_checkpoints_and_resumes(tmp_path):
   args = ["--config=experiments/bert_pretrain.py:smoke", f"--workdir={tmp_path}"]
-  proc = launch(*args, check=True)
+  proc = launch_here(*args, check=True)
   assert "eval/mlm_accuracy" in proc.stdout
   assert os.path.isdir(tmp_path / "checkpoints" / "4")
   assert (tmp_path / "tokenizer.json").exists()
   # The schedule is a function of train.steps: extending the run must be asked for explicitly.
-  proc = launch(*args, "--config.train.steps=6")
+  proc = launch_here(*args, "--config.train.steps=6")
   assert proc.returncode == 1 and "train.steps: 4 -> 6" in proc.stderr
-  proc = launch(*args, "--config.train.steps=6", "--allow_config_change", check=True)
+  proc = launch_here(*args, "--config.train.steps=6", "--allow_config_change", check=True)
   assert "resumed at step 4" in proc.stderr
   assert os.path.isdir(tmp_path / "checkpoints" / "6")
   # Using the trained run reads it with its saved config and writes nothing into the workdir.
   before = {p: os.path.getmtime(tmp_path / p) for p in ("config.json", "metrics.jsonl")}
   inputs = tmp_path.parent / "inputs.txt"
   inputs.write_text("the [MASK] is returned .\nopen the file . ||| read it .\n")
-  proc = launch(
+  proc = launch_here(
     "--config=experiments/bert_pretrain.py",
     f"--workdir={tmp_path}",
     f"--predict={inputs}",
@@ -265,7 +266,7 @@ def test_smoke_trains_checkpoints_and_resumes(tmp_path):
   masks, pair = [json.loads(line) for line in proc.stdout.splitlines()]
   assert len(masks["masks"]) == 1 and len(masks["masks"][0]) == 5
   assert 0 < pair["is_next_probability"] < 1
-  proc = launch(
+  proc = launch_here(
     "--config=experiments/bert_pretrain.py",
     f"--workdir={tmp_path}",
     f"--export={tmp_path.parent / 'hf'}",
@@ -273,7 +274,7 @@ def test_smoke_trains_checkpoints_and_resumes(tmp_path):
   )
   assert (tmp_path.parent / "hf" / "model.safetensors").exists()
   assert before == {p: os.path.getmtime(tmp_path / p) for p in before}
-  proc = launch(
+  proc = launch_here(
     "--config=experiments/bert_pretrain.py", f"--workdir={tmp_path}", "--predict=/nonexistent.txt"
   )
   assert proc.returncode == 1 and "--predict=/nonexistent.txt: no such file" in proc.stderr
@@ -288,7 +289,7 @@ def test_weight_decay_spares_layer_norm_and_biases(setup):
     config.train.weight_decay = 0.1
   optimizer = bert_pretrain.make_optimizer(config)
   zeros = jax.tree.map(jnp.zeros_like, params)
-  updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+  updates, _ = jax.jit(optimizer.update)(zeros, optimizer.init(params), params)
   moved = {
     jax.tree_util.keystr(path): bool(jnp.any(u != 0))
     for path, u in jax.tree.leaves_with_path(updates)

@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from maskax.launcher import runner
-from conftest import launch
+from conftest import launch_here
 from experiments import char_rnn as exp
 from maskax.masking import losses, sampling
 from maskax.training import runs, sharding, train
@@ -243,16 +243,23 @@ def test_stateful_resume_restores_the_carry_exactly(tmp_path):
 @pytest.mark.slow
 def test_smoke_trains_checkpoints_the_carry_resumes_and_predicts(tmp_path):
   workdir = str(tmp_path / "run")
-  first = launch(SMOKE, f"--workdir={workdir}", check=True)
+  # In-process on the test process's 8 simulated devices: a row per device.
+  rows = ("--config.train.batch_size=8", "--config.data.eval_streams=8")
+  first = launch_here(SMOKE, *rows, f"--workdir={workdir}", check=True)
   assert "eval/bpc_carried" in first.stdout and "eval/bpc_reset" in first.stdout
   ckpt = os.path.join(workdir, "checkpoints")
   assert sorted(int(s) for s in os.listdir(ckpt) if s.isdigit())[-1] == 6
   state = ocp.StandardCheckpointer().restore(os.path.join(ckpt, "6", "state"))
   carry = np.asarray(state["model_state"]["carry"][0])
-  assert carry.shape == (4, 16) and np.any(carry != 0)
+  assert carry.shape == (8, 16) and np.any(carry != 0)
   # The schedule depends on train.steps, so extending the run is an explicit choice.
-  resumed = launch(
-    SMOKE, f"--workdir={workdir}", "--config.train.steps=9", "--allow_config_change", check=True
+  resumed = launch_here(
+    SMOKE,
+    *rows,
+    f"--workdir={workdir}",
+    "--config.train.steps=9",
+    "--allow_config_change",
+    check=True,
   )
   assert "resumed at step 6" in resumed.stderr
   assert os.path.isdir(os.path.join(ckpt, "9"))
@@ -263,7 +270,7 @@ def test_smoke_trains_checkpoints_the_carry_resumes_and_predicts(tmp_path):
   before = {p: os.path.getmtime(os.path.join(workdir, p)) for p in ("config.json", "metrics.jsonl")}
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("The \nimport os\n")
-  gen = launch(
+  gen = launch_here(
     "--config=experiments/char_rnn.py",
     f"--workdir={workdir}",
     f"--predict={prompts}",

@@ -5,8 +5,14 @@ import os
 # Must happen before JAX initialises its backends. Eight simulated CPU devices let the sharding
 # tests run the real data-parallel path; single-device tests are unaffected.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite is bound by XLA compile time (hundreds of small, distinct programs). Level 0 leaves
+# the HLO as it is and only spends less time in LLVM's code generation: on the 2-core CPU,
+# scan_test + sampling_test took 80 s at the default level and 58 s at 0. Tests check what a
+# program computes, never its speed; the benchmarks (tests/benchmarks_test.py) and every
+# measured run in the README compile at the default level.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "") + f" {TEST_XLA_FLAGS} --xla_force_host_platform_device_count=8"
 ).strip()
 
 import tempfile  # noqa: E402
@@ -120,17 +126,25 @@ def resume_to_six(args, workdir, *extra) -> list[dict]:
   return records
 
 
+def pytest_collection_modifyitems(items):
+  """A test that needs an experiment's trained smoke run (the `trained_smoke` fixture trains it)
+  is an end-to-end run, so `slow`: `-m "not slow"` leaves out every training run."""
+  for item in items:
+    if "trained_smoke" in getattr(item, "fixturenames", ()):
+      item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def run_launch():
   return launch
 
 
-def _env(devices: int, env=None) -> dict:
+def _env(devices: int, env=None, *, xla_flags: str = TEST_XLA_FLAGS) -> dict:
   full_env = dict(
     os.environ,
     JAX_PLATFORMS="cpu",
     PYTHONUNBUFFERED="1",
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    XLA_FLAGS=f"{xla_flags} --xla_force_host_platform_device_count={devices}".strip(),
   )
   full_env.update(env or {})
   return full_env

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, launch, launch_here
+from conftest import ROOT, _env, launch, launch_here
 from maskax.training import progress
 
 SMOKE = "--config=tests/fixtures/debug_regression.py:smoke"  # the template + test-only hooks
@@ -121,7 +121,8 @@ def test_sigkill_then_rerun_resumes_bitwise(tmp_path):
   assert os.path.isdir(clean / "checkpoints" / "12"), "final checkpoint missing after return"
 
   killed = tmp_path / "killed"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = _env(1)  # the compiler flags of the clean run: a different XLA build of the step
+  # computes different bits, which is no resume defect
   proc = subprocess.Popen(
     [
       sys.executable,
